@@ -1,7 +1,12 @@
 """Built-in methods: one module per survey method, each registering its stages on import.
 
 qsearch finds this package through the ``qsearch.methods`` entry-point group, the same way it finds
-third-party method packages.
+third-party method packages; importing it imports every module in it, so adding a method is adding
+a file.
 """
 
-from methods import clipping, rtn, uniform  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
