@@ -39,9 +39,8 @@ def find_zoo() -> Path | None:
         return Path(env)
     for base in (Path.cwd(), Path(__file__).resolve().parent):
         for parent in (base, *base.parents):
-            for cand in (parent / "shared" / "zoo", parent / ".gpu" / "zoo"):
-                if cand.is_dir():
-                    return cand
+            if (parent / "shared" / "zoo").is_dir():
+                return parent / "shared" / "zoo"
     return None
 
 

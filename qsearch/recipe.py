@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from qsearch.quant.apply import LayerPlan
 from qsearch.quant.spec import QuantSpec
@@ -94,6 +95,11 @@ class RecipeBase(BaseModel):
                 )
         if kinds.count("calibration") > 1:
             raise ValueError("a recipe has at most one calibration stage")
+        for pattern, override in self.layer_plan().overrides.items():
+            try:
+                QuantSpec(**{**self.quant.model_dump(), **override})
+            except ValidationError as exc:
+                raise ValueError(f"overrides.{pattern}: {exc.errors()[0]['msg']}") from None
         return self
 
 
@@ -101,7 +107,10 @@ class RecipeBase(BaseModel):
 SpecOverride = create_model(
     "SpecOverride",
     __config__=ConfigDict(extra="forbid"),
-    **{name: (Optional[f.annotation], None) for name, f in QuantSpec.model_fields.items()},
+    **{
+        name: (Optional[f.annotation], FieldInfo.merge_field_infos(f, default=None))
+        for name, f in QuantSpec.model_fields.items()
+    },
 )
 
 

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# CI has 2 cores shared by the test process and Ray workers: one intra-op thread keeps the tiny-model
+# tests fast and avoids oversubscription.
+torch.set_num_threads(1)
+
 SCHEDULER = {
     "_class_name": "DDPMScheduler",
     "num_train_timesteps": 1000,

@@ -31,8 +31,14 @@ def code_max(bits: int) -> int:
 
 
 def to_fp16_grid(scale: torch.Tensor) -> torch.Tensor:
-    """Round scales to fp16 (what export stores), clamped away from zero and fp16 overflow."""
-    return scale.clamp(min=2.0**-14, max=65504.0).to(torch.float16).to(scale.dtype)
+    """Round scales *up* to fp16 (what export stores), so the rounded grid still covers the range.
+
+    Clamped away from zero and from fp16 overflow.
+    """
+    scale = scale.clamp(min=2.0**-14, max=65504.0)
+    half = scale.to(torch.float16)
+    up = torch.nextafter(half, torch.full_like(half, float("inf")))
+    return torch.where(half.to(scale.dtype) < scale, up, half).to(scale.dtype)
 
 
 def int_qparams(

@@ -35,10 +35,11 @@ class QuantMixin:
         self.spec = spec
         self.pre: nn.Module | None = None
         self.branch: nn.Module | None = None
+        device = self.weight.device
         self.weight_quantizer = (
-            WeightQuantizer(spec, self.weight.shape) if spec.w_bits is not None else None
+            WeightQuantizer(spec, self.weight.shape).to(device) if spec.w_bits is not None else None
         )
-        self.act_quantizer = ActQuantizer(spec) if spec.a_bits is not None else None
+        self.act_quantizer = ActQuantizer(spec).to(device) if spec.a_bits is not None else None
         self.quant_enabled = True
         self._cache_key: tuple | None = None
         self._cached_weight: torch.Tensor | None = None

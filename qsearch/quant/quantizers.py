@@ -14,6 +14,9 @@ from qsearch.quant import grid
 from qsearch.quant.spec import QuantSpec
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest with an identity gradient (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
@@ -163,8 +166,9 @@ class ActQuantizer(nn.Module):
         if self.format == "fp":
             return _fp_round_ste(x / scale, self.bits, self.exponent_bits) * scale
         qmax = grid.code_max(self.bits)
-        if scale.dim() == 0 and not scale.requires_grad and x.dtype == torch.float32:
-            # One fused kernel (PyTorch's own STE), the common static per-tensor case.
+        if scale.dim() == 0 and not scale.requires_grad and x.dtype in _FUSED_DTYPES:
+            # One fused kernel (PyTorch's own STE), the common static per-tensor case; it keeps
+            # the overhead of fake quantization small, also under bf16 autocast.
             return torch.fake_quantize_per_tensor_affine(
                 x, scale, zero_point.to(torch.int32), 0, qmax
             )

@@ -1,0 +1,289 @@
+"""Exported models: bytes on disk and in GPU memory, and sampling speed, against FP16 and BF16.
+
+For each model, the FP model is quantized with four recipes (round-to-nearest, calibrated on a few
+trajectories), exported with ``qsearch.export.export_model`` and loaded back with each backend:
+
+* ``W8A8-int8``: int8 weights (per channel) and activations (static, per tensor): ``fake``,
+  ``int_mm`` (``torch._int_mm``) and ``torchao`` (when installed);
+* ``W8A8-fp8``: FP8 E4M3 weights (per channel) and activations (static): ``fake``, ``scaled_mm``;
+* ``W4``: int4 weight-only (per channel): dequantized at load, or on the fly from the packed codes;
+* ``W4-W8qkv``: a mixed model, int4 weight-only with the attention q/k/v projections at 8 bits.
+
+Every variant samples the same DDIM trajectory (``--steps`` steps) at each batch size; the time is
+the median of ``--repeats`` runs (CUDA events), after a warm-up run. Ratios are taken within the
+run: size and memory against the FP16 model, speed against the BF16 (and FP16) model. Results go to
+``--out`` as JSON lines, and a Markdown table to stdout.
+
+On the H100 (the lead's run, about 3 minutes)::
+
+    python benchmarks/export_bench.py --out export_results.jsonl --variant fp16
+
+Compiled W8A8 on the DiT only (whole-model torch.compile fuses the activation quantization into
+the preceding ops; about 4 minutes)::
+
+    python benchmarks/export_bench.py --out export_results.jsonl --variant fp16 --compile \
+        --models zoo:dit-cifar10 --configs W8A8-int8 W8A8-fp8 --backends int_mm scaled_mm
+
+Tiny CPU check::
+
+    python benchmarks/export_bench.py --models PATH/transformer --device cpu --batch-sizes 1 4 \\
+        --steps 2 --repeats 1 --calib-samples 4 --out /tmp/export.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from qsearch.cli.main import quiet_libraries
+from qsearch.engine import Session
+from qsearch.export import BackendFallbackWarning, export_model, load
+from qsearch.models import Denoiser
+from qsearch.recipe import parse_recipe
+
+# name -> (default spec, overrides, [(backend, dequantize)])
+CONFIGS: dict[str, tuple[dict, dict, list[tuple[str, str]]]] = {
+    "W8A8-int8": ({"w_bits": 8, "a_bits": 8}, {},
+                  [("fake", "load"), ("int_mm", "load"), ("torchao", "load")]),
+    "W8A8-fp8": ({"w_bits": 8, "w_format": "fp", "a_bits": 8, "a_format": "fp"}, {},
+                 [("fake", "load"), ("scaled_mm", "load")]),
+    "W4": ({"w_bits": 4, "a_bits": None}, {}, [("fake", "load"), ("fake", "on_the_fly")]),
+    "W4-W8qkv": ({"w_bits": 4, "a_bits": None}, {"*to_[qkv]": {"w_bits": 8}}, [("auto", "on_the_fly")]),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def denoiser_of(loaded: Any) -> torch.nn.Module:
+    """The denoiser of a loaded export (``load`` returns a pipeline for a pipeline folder)."""
+    for attr in ("unet", "transformer"):
+        if isinstance(getattr(loaded, attr, None), torch.nn.Module):
+            return getattr(loaded, attr)
+    return loaded
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's tensors (tensor subclasses counted by their inner tensors)."""
+    seen: set[int] = set()
+
+    def size(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, n)) for n in names if getattr(t, n) is not None)
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+
+    return sum(size(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def measure_memory(build: Callable[[], torch.nn.Module], device: torch.device) -> tuple[torch.nn.Module, int]:
+    """The built model and its memory: allocated GPU bytes on CUDA, tensor bytes on CPU."""
+    if device.type != "cuda":
+        model = build()
+        return model, resident_bytes(model)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    model = build()
+    torch.cuda.synchronize()
+    return model, torch.cuda.memory_allocated(device) - before
+
+
+class Timer:
+    """Wall time of a callable: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        if not self.cuda:
+            started = time.perf_counter()
+            fn()
+            return time.perf_counter() - started
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+
+
+@torch.no_grad()
+def sampling_time(model: torch.nn.Module, session: Session, batch: int, dtype: torch.dtype,
+                  device: torch.device, repeats: int, timer: Timer) -> float:
+    """Median seconds of one full DDIM sampling run (all steps) at ``batch``."""
+    denoiser = Denoiser(model)
+    sampler = session.sampler
+    cfg = model.config
+    g = torch.Generator(device).manual_seed(0)
+    noise = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g,
+                        device=device, dtype=dtype)
+    cond, _ = sampler.conditioning(model, torch.arange(batch))
+    cond = {k: v.to(device) for k, v in cond.items()}
+    sampler.scheduler.set_timesteps(sampler.config.steps)
+
+    def run() -> None:
+        x = noise
+        for t in sampler.scheduler.timesteps:
+            eps = denoiser(x, t.to(device), cond)
+            x = sampler.scheduler.step(eps, t, x).prev_sample
+
+    run()  # warm-up (kernel selection, lazy initialisation)
+    return statistics.median(timer(run) for _ in range(repeats))
+
+
+def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callable[[dict], None]) -> None:
+    device = torch.device(args.device)
+    data = {
+        "model": ref, "variant": args.variant,
+        "sampler": {"scheduler": "ddim", "steps": args.steps},
+        "calibration_pool": {"samples": args.calib_samples},
+        "stages": [{"method": "uniform", "n_samples": args.calib_samples}, {"method": "rtn"}],
+        "eval": {"device": str(device), "batch_size": max(args.batch_sizes), "fid": False},
+    }
+    session = Session(parse_recipe({**data, "quant": {"w_bits": 8}}))
+    timer = Timer(device)
+    fp_model = session.loaded.denoiser
+
+    fp16_file = workdir / f"{Path(ref).name}-fp16.safetensors"
+    save_file({k: v.detach().half().contiguous().cpu() for k, v in fp_model.state_dict().items()}, str(fp16_file))
+    fp16_disk = fp16_file.stat().st_size
+    base: dict[str, Any] = {"model": ref, "device": str(device), "steps": args.steps}
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, backend: str, model: torch.nn.Module, memory: int, disk: int, dtype: torch.dtype,
+               extra: dict[str, Any]) -> None:
+        if args.compile:
+            model.forward = torch.compile(model.forward)
+        for batch in args.batch_sizes:
+            seconds = sampling_time(model, session, batch, dtype, device, args.repeats, timer)
+            row = {**base, "config": name, "backend": backend, "batch": batch, "seconds": seconds,
+                   "images_per_second": batch / seconds, "disk_bytes": disk, "memory_bytes": memory, **extra}
+            rows.append(row)
+            print(f"{name} {backend} batch {batch}: {seconds * 1000:.1f} ms", file=sys.stderr, flush=True)
+
+    for name, dtype in DTYPES.items():
+        model, memory = measure_memory(lambda: copy.deepcopy(fp_model).to(device, dtype), device)
+        record(name.upper(), "dense", model, memory, fp16_disk, dtype, {})
+        del model
+
+    for name, (quant, overrides, variants) in CONFIGS.items():
+        variants = [v for v in variants if args.backends is None or v[0] in args.backends]
+        if name not in args.configs or not variants:
+            continue
+        recipe = parse_recipe({**data, "quant": quant, "overrides": overrides})
+        started = time.perf_counter()
+        ctx = session.quantize(recipe)
+        out = export_model(ctx, workdir / f"{Path(ref).name}-{name}", recipe={**data, "quant": quant,
+                           "overrides": overrides}, overwrite=True)
+        calib_seconds = time.perf_counter() - started
+        disk = folder_bytes(out)
+        bits = json.loads((out / "qsearch_config.json").read_text())["bits"]
+        del ctx
+        for backend, dequantize in variants:
+            if backend == "torchao" and importlib.util.find_spec("torchao") is None:
+                print(f"{name}: torchao is not installed; skipping its backend", file=sys.stderr)
+                continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", BackendFallbackWarning)
+                model, memory = measure_memory(lambda: denoiser_of(
+                    load(out, backend=backend, device=device, dtype=torch.bfloat16, dequantize=dequantize)), device)
+            used: dict[str, int] = {}
+            for how in model.qsearch_backends.values():
+                used[how] = used.get(how, 0) + 1
+            label = backend if dequantize == "load" or backend != "fake" else f"fake+{dequantize}"
+            record(name, label, model, memory, disk, torch.bfloat16, {
+                "layers_by_kernel": used, "avg_weight_bits": bits["avg_weight_bits"],
+                "quantize_export_seconds": calib_seconds,
+                "fallbacks": [str(w.message) for w in caught],
+            })
+            del model
+    report(rows, fp16_disk)
+    for row in rows:
+        emit(row)
+
+
+def report(rows: list[dict[str, Any]], fp16_disk: int) -> None:
+    """Add the ratios against FP16/BF16 of the same run to ``rows``; print them as a Markdown table."""
+    reference = {(r["config"], r["batch"]): r for r in rows if r["config"] in ("FP16", "BF16")}
+    fp16_memory = reference[("FP16", rows[0]["batch"])]["memory_bytes"]
+    print(f"\n### {rows[0]['model']} ({rows[0]['device']}, DDIM-{rows[0]['steps']})\n")
+    print("| config | backend | batch | disk MB | x smaller than FP16 | memory MB | x less than FP16 "
+          "| ms / sampling run | images/s | x BF16 speed | x FP16 speed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        bf16, fp16 = reference[("BF16", r["batch"])], reference[("FP16", r["batch"])]
+        r["size_vs_fp16"] = fp16_disk / r["disk_bytes"]
+        r["memory_vs_fp16"] = fp16_memory / max(r["memory_bytes"], 1)
+        r["speed_vs_bf16"] = bf16["seconds"] / r["seconds"]
+        r["speed_vs_fp16"] = fp16["seconds"] / r["seconds"]
+        print(f"| {r['config']} | {r['backend']} | {r['batch']} | {r['disk_bytes'] / 2**20:.2f} | "
+              f"{r['size_vs_fp16']:.2f} | {r['memory_bytes'] / 2**20:.2f} | {r['memory_vs_fp16']:.2f} | "
+              f"{r['seconds'] * 1000:.1f} | {r['images_per_second']:.1f} | {r['speed_vs_bf16']:.2f} | "
+              f"{r['speed_vs_fp16']:.2f} |")
+    big = max(r["batch"] for r in rows)
+    w8 = [r for r in rows if r["config"].startswith("W8A8") and r["backend"] in ("int_mm", "scaled_mm", "torchao")
+          and r["batch"] == big]
+    w4 = [r for r in rows if r["config"] == "W4"]
+    if w8:
+        best = max(w8, key=lambda r: r["speed_vs_bf16"])
+        print(f"\nGoal W8A8 >= 1.3x BF16 speed at batch {big}: {best['speed_vs_bf16']:.2f}x "
+              f"({best['config']}/{best['backend']}) -> {'met' if best['speed_vs_bf16'] >= 1.3 else 'NOT met'}")
+    if w4:
+        ratio = w4[0]["size_vs_fp16"]
+        print(f"Goal W4 >= 3.5x smaller than FP16 on disk: {ratio:.2f}x -> {'met' if ratio >= 3.5 else 'NOT met'}; "
+              f"in memory (on the fly): {max(r['memory_vs_fp16'] for r in w4):.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["zoo:ddpm-cifar10", "zoo:dit-cifar10"])
+    parser.add_argument("--out", type=Path, required=True, help="JSON-lines file to append to")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variant", help="weights variant of the FP model (fp16 on the GPU machine)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of a sampling run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calib-samples", type=int, default=16, help="calibration trajectories")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="quantized configurations to measure (FP16/BF16 always run)")
+    parser.add_argument("--backends", nargs="+", help="only these load backends (default: all of each config)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every measured model (whole-model fusion; adds ~1 min per model)")
+    parser.add_argument("--workdir", type=Path, help="where the exported folders go (default: a temp dir)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+
+    def emit(row: dict) -> None:
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        for ref in args.models:
+            bench_model(ref, args, workdir, emit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

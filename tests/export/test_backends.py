@@ -1,0 +1,139 @@
+"""Kernel backends: each kernel layer computes what the fake-quantized layer computes; fallbacks are said."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from qsearch.export.backends import BackendFallbackWarning, convert
+from qsearch.export.layers import Fp8MMLinear, Int8MMLinear, PackedQuantConv2d, PackedQuantLinear
+from qsearch.export.pack import pack
+from qsearch.quant.modules import QuantConv2d, QuantLinear
+from qsearch.quant.spec import QuantSpec
+
+CPU = torch.device("cpu")
+
+
+def _layer(spec: QuantSpec, in_features: int = 64, out_features: int = 48) -> QuantLinear:
+    """A calibrated quantized Linear with a bias and an input range wider than its data."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(in_features, out_features), spec).requires_grad_(False)
+    layer.weight_quantizer.init_minmax(layer.weight)
+    if layer.act_quantizer is not None and not spec.a_dynamic:
+        layer.act_quantizer.set_range(torch.tensor(-2.5), torch.tensor(3.0))
+    return layer
+
+
+def _codes(layer) -> dict[str, tuple]:
+    codes = layer.weight_quantizer.encode(layer.weight).to(torch.uint8)
+    return {"layer": (codes, pack(codes, layer.weight_quantizer.bits), layer.weight_quantizer.bits)}
+
+
+def _convert(layer, backend: str, **kwargs) -> tuple[nn.Module, dict[str, str]]:
+    model = nn.Sequential()
+    model.add_module("layer", layer)
+    used = convert(model, _codes(layer), backend=backend, device=CPU, dtype=torch.float32,
+                   dequantize=kwargs.get("dequantize", "load"))
+    return model.layer, used
+
+
+W8A8 = QuantSpec(w_bits=8, a_bits=8)
+W8A8_TOKEN = QuantSpec(w_bits=8, a_bits=8, a_dynamic=True, a_granularity="token")
+FP8 = QuantSpec(w_bits=8, w_format="fp", a_bits=8, a_format="fp")
+FP8_TOKEN = QuantSpec(w_bits=8, w_format="fp", a_bits=8, a_format="fp", a_dynamic=True, a_granularity="token")
+
+
+@pytest.mark.parametrize(
+    ("spec", "backend", "kernel_class"),
+    [(W8A8, "int_mm", Int8MMLinear), (W8A8_TOKEN, "int_mm", Int8MMLinear),
+     (FP8, "scaled_mm", Fp8MMLinear), (FP8_TOKEN, "scaled_mm", Fp8MMLinear)],
+)
+def test_kernel_layer_computes_the_fake_quantized_layer(spec, backend, kernel_class) -> None:
+    """Up to float summation order: the integer product is exact, the FP8 operands are the grid's."""
+    layer = _layer(spec)
+    x = torch.randn(3, 20, 64) * 2
+    expected = layer(x)
+    kernel, used = _convert(layer, backend)
+    assert type(kernel) is kernel_class and used == {"layer": backend}
+    out = kernel(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the decoded weight of the kernel layer is the exported one
+    assert torch.equal(kernel.weight, layer.quantized_weight())
+
+
+@pytest.mark.parametrize(("spec", "backend"), [(W8A8, "int_mm"), (FP8, "scaled_mm")])
+def test_kernels_handle_a_single_row(spec, backend) -> None:
+    """One token (a timestep embedding at batch 1): _int_mm needs > 16 rows, _scaled_mm real scales."""
+    layer = _layer(spec)
+    x = torch.randn(1, 64)
+    expected = layer(x)
+    kernel, _ = _convert(layer, backend)
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grids_survive_a_cast_to_bfloat16() -> None:
+    """Kernel layers keep their grids as fp32 bits: a model cast cannot round them."""
+    layer = _layer(W8A8)
+    kernel, _ = _convert(layer, "int_mm")
+    scale = kernel.act_scale_bits.view(torch.float32).clone()
+    kernel.to(torch.bfloat16)
+    assert torch.equal(kernel.act_scale_bits.view(torch.float32), scale)
+    assert kernel(torch.randn(20, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_fallbacks_are_warned_and_recorded() -> None:
+    model = nn.Sequential()
+    model.add_module("w4", _layer(QuantSpec(w_bits=4, a_bits=8)))
+    model.add_module("w8", _layer(W8A8, 48, 32))
+    conv = QuantConv2d.from_float(nn.Conv2d(4, 8, 3), W8A8).requires_grad_(False)
+    conv.weight_quantizer.init_minmax(conv.weight)
+    conv.act_quantizer.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    model.add_module("conv", conv)
+    codes = {n: _codes(m)["layer"] for n, m in model.named_children()}
+    with pytest.warns(BackendFallbackWarning, match=r"2 of 3 .*weight grid int4 is not int8.*not a Linear layer"):
+        used = convert(model, codes, backend="int_mm", device=CPU, dtype=torch.float32, dequantize="on_the_fly")
+    assert used == {"w4": "dequant_on_the_fly", "w8": "int_mm", "conv": "dequant_on_the_fly"}
+    assert isinstance(model.w4, PackedQuantLinear) and isinstance(model.conv, PackedQuantConv2d)
+
+
+def test_fake_backend_is_silent_and_unknown_backend_is_an_error() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, used = _convert(_layer(W8A8), "fake")
+    assert used == {"layer": "fake"}
+    with pytest.raises(ValueError, match="unknown backend"):
+        _convert(_layer(W8A8), "tensorrt")
+
+
+def test_dequantizing_on_the_fly_holds_packed_codes_only() -> None:
+    layer = _layer(QuantSpec(w_bits=3, w_granularity="group", group_size=16, a_bits=None), 64, 48)
+    x = torch.randn(5, 64)
+    expected = layer(x)
+    packed, _ = _convert(layer, "fake", dequantize="on_the_fly")
+    assert isinstance(packed, PackedQuantLinear)
+    assert "weight" not in dict(packed.named_parameters())
+    assert packed.weight_codes.numel() == 64 * 48 * 3 // 8
+    assert torch.equal(packed(x), expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+@pytest.mark.parametrize("spec", [W8A8, QuantSpec(w_bits=8, a_bits=None)])
+def test_torchao_layer_computes_the_fake_quantized_layer(spec) -> None:
+    layer = _layer(spec)
+    x = torch.randn(20, 64) * 2
+    expected = layer(x)
+    kernel, used = _convert(layer, "torchao")
+    assert used == {"layer": "torchao"}
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_torchao_refuses_dynamic_ranges() -> None:
+    layer = _layer(W8A8_TOKEN)
+    with pytest.warns(BackendFallbackWarning, match="torchao"):
+        _, used = _convert(layer, "torchao")
+    assert used == {"layer": "fake"}

@@ -1,0 +1,207 @@
+"""The study driver on a synthetic objective with a known front (no model is loaded)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from tests.search.synthetic import SyntheticEvaluator, space_data, true_front
+
+from qsearch.search.space import parse_space
+from qsearch.search.study import (
+    ORIGIN,
+    PROXY,
+    PRUNED_BY,
+    RETRY_OF,
+    open_study,
+    run_trials,
+    study_status,
+)
+from qsearch.storage import pareto_front, trial_metrics, trial_recipe, trials
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def _run(space_dict, url, n, evaluator=None):
+    space = parse_space(space_dict)
+    study = open_study(space, url)
+    evaluator = evaluator or SyntheticEvaluator()
+    run_trials(space, study, n, evaluator=evaluator)
+    return space, study, evaluator
+
+
+def _block_bits(trial) -> tuple[int, int, int]:
+    return tuple(trial.params[f"w_bits:{b}"] for b in ("down_blocks.0", "mid_block", "up_blocks.0"))
+
+
+def test_finds_the_known_optimum_under_a_budget(url):
+    budget = 4.5
+    space, study, _ = _run(space_data(constraints={"max_avg_weight_bits": budget}), url, 24)
+    best_q, _, best_bits = min(true_front(budget), key=lambda p: p[0])
+    front = study.best_trials
+    assert min(t.values[0] for t in front) == pytest.approx(best_q)
+    winner = min(front, key=lambda t: t.values[0])
+    assert _block_bits(winner) == tuple(best_bits[b] for b in ("down_blocks.0", "mid_block", "up_blocks.0"))
+    assert all(t.values[1] <= budget for t in front)
+
+
+def test_stored_front_equals_best_trials_and_excludes_violations(url):
+    space, study, ev = _run(space_data(constraints={"max_avg_weight_bits": 5.0}), url, 16)
+    best = sorted((t.number, t.values[0], t.values[1]) for t in study.best_trials)
+    stored = sorted((r["number"], r["fid"], r["avg_weight_bits"]) for r in pareto_front(url, "synthetic"))
+    assert stored == best and stored
+    by_number = {t.number: t for t in study.trials}
+    # the uniform 8-bit baseline is measured (enqueued baselines always are) but over budget
+    w8 = next(t for t in study.trials if t.user_attrs.get(ORIGIN) == "uniform-w8")
+    assert w8.state == TrialState.COMPLETE and w8.constraints["avg_weight_bits"] > 0
+    rows = {r["number"]: r for r in trials(url, "synthetic")}
+    assert not rows[w8.number]["feasible"] and rows[w8.number]["metrics"]["constraint"]["avg_weight_bits"] > 0
+    assert all(rows[n]["feasible"] for n, _, _ in stored)
+    for number, _, size in stored:
+        assert size <= 5.0 and all(v <= 0 for v in by_number[number].constraints.values())
+    # sampled configurations over budget are pruned before any calibration
+    infeasible = [t for t in study.trials if t.user_attrs.get(PRUNED_BY) == "infeasible"]
+    assert all(t.state == TrialState.PRUNED and t.constraints["avg_weight_bits"] > 0 for t in infeasible)
+    assert ev.calls["quantize"] == sum(t.state != TrialState.PRUNED or PROXY in t.user_attrs for t in study.trials)
+
+
+def test_uniform_and_sensitivity_trials_come_first(url):
+    data = space_data(seed_trials={"uniform": True, "sensitivity_targets": [3.0]})
+    space, study, ev = _run(data, url, 5)
+    origins = [t.user_attrs[ORIGIN] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert origins[:4] == ["uniform-w2", "uniform-w4", "uniform-w8", "sensitivity-3"]
+    assert all(_block_bits(t) == (b, b, b) for t, b in zip(sorted(study.trials, key=lambda t: t.number), (2, 4, 8)))
+    seeded = next(t for t in study.trials if t.user_attrs[ORIGIN] == "sensitivity-3")
+    # the most sensitive block per parameter (mid_block) gets the most bits, within the budget
+    down, mid, up = _block_bits(seeded)
+    assert mid >= down and mid >= up
+    assert ev.calls["sensitivity"] == 1
+    # a second process (or a resume) does not enqueue them again
+    run_trials(space, study, 8, evaluator=ev)
+    assert sum(t.user_attrs[ORIGIN].startswith("uniform") for t in study.trials) == 3
+    assert ev.calls["sensitivity"] == 1
+
+
+def test_multi_fidelity_prunes_only_dominated_trials(url):
+    data = space_data(fidelity={"enabled": True, "proxy": "mse", "margin": 0.1}, trials=24)
+    space, study, ev = _run(data, url, 24)
+    status = study_status(study, 24)
+    pruned = [t for t in study.trials if t.user_attrs.get(PRUNED_BY, "").startswith("proxy-dominated")]
+    assert status.full_evaluations_saved == len(pruned) > 0
+    assert ev.calls["full"] == status.complete == 24 - len(pruned) - status.pruned_infeasible
+    by_number = {t.number: t for t in study.trials}
+    true = {(round(q, 12)) for q, _, _ in true_front()}
+    for t in pruned:
+        assert PROXY in t.user_attrs  # the proxy value is kept
+        dominator = by_number[int(t.user_attrs[PRUNED_BY].rsplit(" ", 1)[1])]
+        assert dominator.state == TrialState.COMPLETE
+        # the pruned configuration really is dominated (the proxy's noise is below the margin)
+        from synthetic import quality_of, size_of, PARAMS, block
+
+        bits = {n: t.params[f"w_bits:{block(n)}"] for n in PARAMS if f"w_bits:{block(n)}" in t.params}
+        assert quality_of(bits) > dominator.values[0] and round(quality_of(bits), 12) not in true
+        assert size_of({**bits, "conv_in": 16, "conv_out": 16}) >= dominator.values[1]
+    stored = {r["number"]: r for r in trials(url, "synthetic")}
+    assert all(stored[t.number]["state"] == "PRUNED" and "mse" in stored[t.number]["metrics"]["proxy"] for t in pruned)
+
+
+def test_failing_configuration_is_recorded_and_the_study_goes_on(url):
+    ev = SyntheticEvaluator(fail_on={"mid_block.*": 2})
+    space, study, _ = _run(space_data(), url, 12, evaluator=ev)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert failed and all("NonFiniteError" in t.user_attrs["qsearch:error"] for t in failed)
+    assert all(t.params["w_bits:mid_block"] == 2 for t in failed)
+    assert study_status(study, 12).finished == 12
+    assert "NonFiniteError" in next(r for r in trials(url, "synthetic") if r["state"] == "FAIL")["error"]
+
+
+def test_resume_after_interrupt_loses_and_duplicates_nothing(url):
+    space = parse_space(space_data())
+    study = open_study(space, url)
+    ev = SyntheticEvaluator(interrupt_at_call=6)
+    with pytest.raises(KeyboardInterrupt):
+        run_trials(space, study, 10, evaluator=ev)
+    before = {t.number: (t.state, t.values, t.params) for t in study.trials if t.state.is_finished()}
+    interrupted = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(interrupted) == 1 and interrupted[0].user_attrs["qsearch:error"] == "interrupted"
+    assert not any(t.state == TrialState.RUNNING for t in study.trials)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 5
+
+    # a new process: a new study object on the same database
+    study2 = open_study(space, url)
+    run_trials(space, study2, 10, evaluator=SyntheticEvaluator())
+    after = {t.number: t for t in study2.trials}
+    for number, (state, values, params) in before.items():  # nothing lost or changed
+        assert after[number].state == state and after[number].values == values and after[number].params == params
+    retry = [t for t in study2.trials if t.user_attrs.get(RETRY_OF) == interrupted[0].number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == interrupted[0].params
+    counted = [t for t in study2.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 10 and study_status(study2, 10).finished == 10
+    assert not any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in study2.trials)
+    # the database has one row per trial, and every finished trial's recipe
+    rows = trials(url, "synthetic")
+    assert sorted(r["number"] for r in rows) == sorted(after)
+    # running again with the same target runs nothing more
+    run_trials(space, study2, 10, evaluator=SyntheticEvaluator())
+    assert len(study2.trials) == len(after)
+
+
+def test_plain_optuna_reads_the_database(url):
+    space, study, _ = _run(space_data(), url, 6)
+    loaded = optuna.load_study(study_name="synthetic", storage=url)
+    assert loaded.metric_names == ["fid", "avg_weight_bits"]
+    assert [t.values for t in loaded.trials] == [t.values for t in study.trials]
+    assert len(loaded.best_trials) >= 1
+
+
+def test_trial_recipe_and_metrics_roundtrip(url):
+    from qsearch.recipe import parse_recipe
+
+    space, study, _ = _run(space_data(), url, 4)
+    t = study.best_trials[0]
+    recipe = parse_recipe(trial_recipe(url, "synthetic", t.number))
+    plan = recipe.layer_plan()
+    assert plan.spec_for("mid_block.attentions.0.to_q").w_bits == t.params["w_bits:mid_block"]
+    assert plan.spec_for("conv_in").w_bits is None  # keep_fp of the base recipe survives
+    assert trial_metrics(url, "synthetic", t.number)["full"]["fid"] == pytest.approx(t.values[0])
+
+
+def test_changed_space_under_the_same_name_is_refused(url):
+    _run(space_data(), url, 2)
+    with pytest.raises(ValueError, match="different search space"):
+        open_study(parse_space(space_data(layers={"*": {"w_bits": [3, 4]}})), url)
+    open_study(parse_space(space_data(trials=50)), url)  # the trial count may change
+
+
+def test_trials_running_elsewhere_count_so_workers_never_exceed_the_target(url):
+    from qsearch.search.study import _is_surplus
+
+    space, study, ev = _run(space_data(seed_trials={"uniform": False}), url, 3)
+    elsewhere = open_study(space, url).ask()  # another worker's trial, still running
+    run_trials(space, study, 4, evaluator=ev)
+    assert len(study.trials) == 4  # 3 finished + 1 running elsewhere: nothing new started
+    late = study.ask()  # a worker that raced past the check is surplus, the earlier trial is not
+    assert _is_surplus(study, late.number, 4) and not _is_surplus(study, elsewhere.number, 4)
+
+
+def test_a_dead_workers_trial_is_failed_and_retried_once(url):
+    import time
+
+    space = parse_space(space_data(seed_trials={"uniform": False}))
+    dead = open_study(space, url, heartbeat_interval=1, grace_period=2)
+    trial = dead.ask({"w_bits:down_blocks.0": optuna.distributions.CategoricalDistribution([2, 4, 8])})
+    dead._storage.record_heartbeat(trial._trial_id)  # it beat once, then its process died
+    time.sleep(3)
+    study = open_study(space, url, heartbeat_interval=1, grace_period=2)
+    run_trials(space, study, 4, evaluator=SyntheticEvaluator())
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[trial.number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params["w_bits:down_blocks.0"] == trial.params["w_bits:down_blocks.0"]
+    assert study_status(study, 4).finished == 4  # the failed-and-retried trial does not count
+    assert sum(t.state.is_finished() for t in study.trials) == 5
