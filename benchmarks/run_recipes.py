@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from qsearch.cli.main import quiet_libraries
 from qsearch.engine import Session
 from qsearch.recipe import load_recipe
@@ -58,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                     fp = sessions[key].evaluate(None, recipe)
                     _write(args.out, {**row, "name": "FP32", "recipe": "fp", "metrics": fp,
                                       "seconds": time.perf_counter() - started})
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
             result = sessions[key].run(recipe)
             row.update(result.as_dict(), seconds=time.perf_counter() - started)
+            if torch.cuda.is_available():  # calibration/fine-tuning and sampling, whichever peaks
+                row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         except Exception as exc:  # a failing row is recorded, the table goes on
             failures += 1
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -74,6 +80,8 @@ def _write(out: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
     metrics = row.get("metrics", {})
     brief = {k: round(v, 3) for k, v in metrics.items() if k in ("fid", "psnr", "avg_weight_bits", "sample_seconds")}
+    if "timings" in row:
+        brief["calibrate_s"] = round(row["timings"]["calibrate_seconds"], 1)
     print(f"{row['name']}: {brief or row.get('error')}", file=sys.stderr, flush=True)
 
 

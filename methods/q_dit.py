@@ -28,7 +28,10 @@ search runs 10 epochs of 50 candidates; both are far beyond the budget of a pipe
 fitness here is the MSE of a few generated samples to the FP model's samples on the same seeds, and
 the population, epochs and sample count are small by default (the paper's values are given in the
 fields' descriptions). Weights are rounded to nearest (the authors' default
-``quant_method max``; their optional GPTQ is not part of this stage).
+``quant_method max``; the GPTQ of their final ``quant_main.sh`` is not part of this stage). The
+candidate sizes were chosen for DiT-XL's width 1152, which all of them divide; on narrower models a
+size that does not divide a layer's width leaves a shorter last group (padded by repeating edge
+values, see ``grid.group_view``), where the authors' code would refuse the size.
 """
 
 from __future__ import annotations

@@ -24,8 +24,14 @@ written into ``layer.weight``; all exact in full precision. The quantize stage t
 objective ``OutputsError``) grid-searches it per layer over ``{(0, 0)} + {(a, 0)} + {(a, 1 - a)}`` for
 ``a = 1/20 .. 19/20``, scoring each candidate by the layer's output error *with the low-rank branch and
 both quantizers in the loop*. That search is the default here (``alpha: null``); a number fixes
-``(alpha, 1 - alpha)`` instead. Rank: 32 in the paper (for 3k-12k-wide layers); it is capped at a
-quarter of the smaller weight dimension so that the branch stays low-rank on small models.
+``(alpha, 1 - alpha)`` instead.
+
+Rank: 32 in the paper on every model, whose narrowest diffusion transformer is PixArt-Sigma (hidden size
+1152). A 256-wide layer at rank 32 would carry a branch that costs as many stored bits as its 4-bit
+weight, which is no longer the paper's trade-off; so ``rank`` is the rank at ``reference_width`` (1152)
+and scales with the layer's smaller dimension, keeping the branch's share of the layer's storage as in
+the paper (rank 7 for the 256-wide zoo DiT); ``reference_width: null`` uses ``rank`` unscaled. The rank
+is always at least 1 and at most a quarter of the smaller weight dimension.
 
 What is partial: the authors' code refines the branch iteratively (``L <- SVD_r(W_hat - Q(W_hat - L))``,
 up to 100 iterations with early stop on the output error); this module uses the paper's single SVD.
@@ -51,6 +57,7 @@ from qsearch.registry import register
 from qsearch.stages import QuantContext, Reparameterizer, StageConfig
 
 SPAN_FLOOR = 1e-5  # channel ranges below this (dead channels) would make lambda 0 or inf
+REFERENCE_WIDTH = 1152  # hidden size of PixArt-Sigma, the narrowest DiT the paper runs at rank 32
 
 
 class ChannelSmoothing(nn.Module):
@@ -101,9 +108,11 @@ def smoothing_candidates(alpha: float | None, grid: int) -> list[tuple[float, fl
     return [(0.0, 0.0)] + [(a, 0.0) for a in steps] + [(a, 1.0 - a) for a in steps]
 
 
-def branch_rank(rank: int, weight: torch.Tensor) -> int:
-    """The paper's rank, capped at a quarter of the smaller weight dimension (at least 1)."""
-    return max(1, min(rank, min(weight.shape) // 4))
+def branch_rank(rank: int, weight: torch.Tensor, reference_width: int | None = REFERENCE_WIDTH) -> int:
+    """``rank`` scaled from ``reference_width`` to the layer's smaller dimension, in [1, min(shape) / 4]."""
+    width = min(weight.shape)
+    scaled = rank if reference_width is None else round(rank * width / reference_width)
+    return max(1, min(scaled, width // 4))
 
 
 @torch.no_grad()
@@ -167,7 +176,11 @@ class SVDQuant(Reparameterizer):
     paper = "Li et al., SVDQuant: Absorbing Outliers by Low-Rank Components for 4-Bit Diffusion Models, ICLR 2025"
 
     class Config(StageConfig):
-        rank: int = Field(32, ge=1, description="rank of the 16-bit branch (capped at min(out, in) / 4)")
+        rank: int = Field(32, ge=1, description="rank of the 16-bit branch on a reference_width-wide layer")
+        reference_width: int | None = Field(
+            REFERENCE_WIDTH, ge=1,
+            description="layer width at which `rank` applies, scaled with min(out, in); null: unscaled",
+        )
         alpha: float | None = Field(
             None, ge=0, le=1,
             description="fixed migration strength (beta = 1 - alpha); null: the authors' per-layer search",
@@ -192,5 +205,5 @@ class SVDQuant(Reparameterizer):
             if name not in inputs:
                 continue
             x = inputs[name].to(ctx.device)
-            rank = branch_rank(cfg.rank, layer.weight)
+            rank = branch_rank(cfg.rank, layer.weight, cfg.reference_width)
             install(layer, search_decomposition(x, layer.weight, layer.spec, rank, candidates))

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextvars
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from qsearch.zoo import zoo_path
 
 DENOISER_ATTRS = ("unet", "transformer")
 SUPPORTED = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "PixArtTransformer2DModel")
@@ -32,30 +33,10 @@ current_timestep: contextvars.ContextVar[torch.Tensor | None] = contextvars.Cont
 )
 
 
-def find_zoo() -> Path | None:
-    """The reference-model zoo: ``$QSEARCH_ZOO``, else ``shared/zoo`` here or in a parent folder."""
-    env = os.environ.get("QSEARCH_ZOO")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parent):
-        for parent in (base, *base.parents):
-            if (parent / "shared" / "zoo").is_dir():
-                return parent / "shared" / "zoo"
-    return None
-
-
 def resolve_ref(ref: str) -> str:
     """A local path for ``zoo:NAME`` and existing folders; anything else is passed on as a hub id."""
     if ref.startswith("zoo:"):
-        zoo = find_zoo()
-        if zoo is None:
-            raise FileNotFoundError(
-                f"{ref}: no model zoo found; set QSEARCH_ZOO to the folder holding the zoo models"
-            )
-        path = zoo / ref[4:]
-        if not path.exists():
-            raise FileNotFoundError(f"{ref}: {path} does not exist")
-        return str(path)
+        return str(zoo_path(ref[4:]))
     return ref
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qsearch.models import Denoiser, family, find_zoo, load_model, resolve_ref
+from qsearch.models import Denoiser, family, load_model, resolve_ref
+from qsearch.zoo import find_zoo
 
 ZOO = find_zoo()
 needs_zoo = pytest.mark.skipif(ZOO is None, reason="reference zoo not found (set QSEARCH_ZOO)")

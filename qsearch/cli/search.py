@@ -40,6 +40,39 @@ def _status_table(status, started: float) -> Table:
     return table
 
 
+def _pareto_table(study: str, front: list[dict], baselines: list[dict], quality: str, size: str) -> Table:
+    """The front sorted by size, then the uniform baselines that are not on it (in red, with why)."""
+    n = next((p["metrics"].get("n_samples") for p in front if p["metrics"].get("n_samples")), None)
+    measured = f", {quality} on {int(n)} samples" if n else ""
+    table = Table(title=f"Pareto front of {study}{measured}")
+    for col in ("trial", size, quality, "origin"):
+        table.add_column(col, justify="right" if col != "origin" else "left")
+    for p in front:
+        table.add_row(str(p["number"]), f"{p['size']:.4g}", f"{p['quality']:.4g}", p["origin"] or "")
+    for t in baselines:
+        if all(p["number"] != t["number"] for p in front):
+            full = t["metrics"]["full"]
+            why = "dominated" if t["feasible"] else "over budget"
+            table.add_row(f"[red]{t['number']}[/]", f"[red]{full.get(size, float('nan')):.4g}[/]",
+                          f"[red]{full.get(quality, float('nan')):.4g}[/]", f"[red]{t['origin']} ({why})[/]")
+    return table
+
+
+def _front_table(storage: str, study: str) -> Table:
+    """The Pareto table of a study as stored (what ``qsearch pareto`` prints)."""
+    from qsearch.storage import pareto_front, study_spec, trials as all_trials
+
+    objectives = study_spec(storage, study)["json"].get("objectives", {})
+    quality, size = objectives.get("quality", "fid"), objectives.get("size", "avg_weight_bits")
+    return _pareto_table(study, pareto_front(storage, study), _baselines(all_trials(storage, study)),
+                         quality, size)
+
+
+def _baselines(rows: list[dict]) -> list[dict]:
+    """The measured uniform configurations (the enqueued baselines)."""
+    return [t for t in rows if (t["origin"] or "").startswith("uniform-") and t["state"] == "COMPLETE"]
+
+
 @app.command()
 def search(
     space_file: Path = typer.Argument(..., help="search-space YAML file"),
@@ -79,7 +112,9 @@ def search(
         fail(str(exc))
     status = study_status(study, n_trials)
     console.print(_status_table(status, started))
-    console.print(f"study {space.name!r} in {storage}: `qsearch pareto {space.name}` shows the front")
+    console.print(_front_table(storage, space.name))
+    console.print(f"study {space.name!r} in {storage}: `qsearch pareto {space.name} --plot front.png` "
+                  f"plots it, `qsearch show {space.name} N` shows a trial")
 
 
 @app.command()
@@ -122,7 +157,7 @@ def pareto(
     except LookupError as exc:
         fail(str(exc))
     quality, size = objectives.get("quality", "fid"), objectives.get("size", "avg_weight_bits")
-    baselines = [t for t in rows if (t["origin"] or "").startswith("uniform-") and t["state"] == "COMPLETE"]
+    baselines = _baselines(rows)
     if plot:
         from qsearch.search.plot import plot_front
 
@@ -133,18 +168,7 @@ def pareto(
                  **{k: t["metrics"]["full"].get(k) for k in (quality, size)}} for t in baselines]
         print(json.dumps({"study": study, "objectives": [quality, size], "front": front, "baselines": base}, indent=2))
         return
-    table = Table(title=f"Pareto front of {study}")
-    for col in ("trial", size, quality, "origin"):
-        table.add_column(col, justify="right" if col != "origin" else "left")
-    for p in front:
-        table.add_row(str(p["number"]), f"{p['size']:.4g}", f"{p['quality']:.4g}", p["origin"] or "")
-    for t in baselines:
-        if all(p["number"] != t["number"] for p in front):
-            full = t["metrics"]["full"]
-            why = "dominated" if t["feasible"] else "over budget"
-            table.add_row(f"[red]{t['number']}[/]", f"[red]{full.get(size, float('nan')):.4g}[/]",
-                          f"[red]{full.get(quality, float('nan')):.4g}[/]", f"[red]{t['origin']} ({why})[/]")
-    console.print(table)
+    console.print(_pareto_table(study, front, baselines, quality, size))
 
 
 @app.command()

@@ -153,7 +153,7 @@ class Int8MMLinear(_KernelLinear):
         if self.pre is not None:
             x = self.pre(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # tensor-core GEMMs want row-major A
         scale, zero_point = self._act_qparams(x2)
         # qx - 128 = clamp(round(x / sx) + zx - 128, -128, 127); in the input's dtype, exact for
         # the integers involved (a static scale is a 0-dim fp32 tensor: x keeps its dtype)
@@ -200,7 +200,7 @@ class Fp8MMLinear(_KernelLinear):
         if self.pre is not None:
             x = self.pre(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # tensor-core GEMMs want row-major A
         scale, _ = self._act_qparams(x2)
         xf8 = (x2 / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         rows = x2.shape[0]

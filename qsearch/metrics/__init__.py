@@ -1,6 +1,5 @@
 """Evaluation metrics: FID through torch-fidelity (``fid``), fidelity to the FP model
-(``fidelity``: MSE/PSNR), the zoo's ResNet-9 feature extractor ``res9-cifar10`` (``res9``), and the
-zoo lookup (``find_zoo``).
+(``fidelity``: MSE/PSNR) and the zoo's ResNet-9 feature extractor ``res9-cifar10`` (``res9``).
 
 Call ``from qsearch.metrics.fid import fid`` and ``from qsearch.metrics.fidelity import fidelity``
 (the package attributes ``fid``/``fidelity`` are those submodules). Other names are imported
@@ -22,8 +21,6 @@ _EXPORTS = {
     "psnr": "qsearch.metrics.fidelity",
     "ResNet9": "qsearch.metrics.res9",
     "load_res9": "qsearch.metrics.res9",
-    "find_zoo": "qsearch.metrics.zoo",
-    "zoo_path": "qsearch.metrics.zoo",
 }
 __all__ = sorted(_EXPORTS)
 

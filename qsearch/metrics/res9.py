@@ -55,7 +55,7 @@ from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from qsearch.metrics.zoo import zoo_path
+from qsearch.zoo import zoo_path
 
 NAME = "res9-cifar10"
 WEIGHTS_ENV = "QSEARCH_RES9"

@@ -18,15 +18,20 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest with an identity gradient (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    """Round to nearest with an identity gradient (straight-through estimator).
+
+    Written as ``round(x) + (x - x.detach())`` rather than ``x + (round(x) - x).detach()``: the added
+    term is exactly zero, so the forward value is the integer itself (the other form can be off by
+    one ulp, and an exported model must reproduce the grid bit for bit).
+    """
+    return torch.round(x) + (x - x.detach())
 
 
 def _fp_round_ste(x: torch.Tensor, bits: int, exponent_bits: int) -> torch.Tensor:
     table = torch.tensor(grid.fp_table(bits, exponent_bits), dtype=x.dtype, device=x.device)
     midpoints = (table[1:] + table[:-1]) / 2
     rounded = table[torch.bucketize(x.detach(), midpoints)]
-    return x + (rounded - x).detach()
+    return rounded + (x - x.detach())
 
 
 class WeightQuantizer(nn.Module):
@@ -107,7 +112,7 @@ class WeightQuantizer(nn.Module):
             out = _fp_round_ste(g / self.scale, self.bits, self.exponent_bits) * self.scale
         elif self.bits == 1:
             sign = torch.where(g >= 0, 1.0, -1.0).to(g.dtype)
-            out = g + (sign * self.scale / 2 - g).detach()
+            out = sign * self.scale / 2 + (g - g.detach())  # exact values; STE to w, grad to scale
         else:
             q = torch.clamp(round_ste(g / self.scale) + self.zero_point, 0, grid.code_max(self.bits))
             out = (q - self.zero_point) * self.scale
@@ -169,8 +174,9 @@ class ActQuantizer(nn.Module):
         if scale.dim() == 0 and not scale.requires_grad and x.dtype in _FUSED_DTYPES:
             # One fused kernel (PyTorch's own STE), the common static per-tensor case; it keeps
             # the overhead of fake quantization small, also under bf16 autocast.
+            # The kernel wants a float32 scale even for bf16/fp16 inputs (a model cast by .to()).
             return torch.fake_quantize_per_tensor_affine(
-                x, scale, zero_point.to(torch.int32), 0, qmax
+                x, scale.float(), zero_point.to(torch.int32), 0, qmax
             )
         q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
         return (q - zero_point) * scale

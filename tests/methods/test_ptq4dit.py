@@ -83,3 +83,29 @@ def test_ssc_weights_complementary_timesteps_more() -> None:
     eta = ssc_weights(act, weight)
     assert torch.allclose(eta, torch.softmax(torch.tensor([-1.0, 1.0]), 0))
     assert torch.allclose(calibrated_salience(act, weight), eta[0] * alike + eta[1] * complementary)
+
+
+def test_ssc_balances_the_spearman_weighted_salience(tiny_model_dir) -> None:
+    """With SSC, each layer's weight salience ends at ``sqrt(s_rho(X_j) s(W_j))``, where ``s_rho`` is
+    the eta-weighted sum over timesteps of the FP model's activation salience (not its maximum).
+
+    Checked on the groups whose weights no other group's fold touches (all but QKV, whose ``to_v``
+    also absorbs the output projection's vector)."""
+    model_dir = tiny_model_dir("dit")
+    session, balanced = quantize(model_dir, {"method": "ptq4dit"})
+    plain = session.quantize(parse_recipe(tiny_recipe(model_dir, stages=[
+        {"method": "uniform", "n_samples": 8}, {"method": "rtn"}])))
+    groups = [g for g in balancing_groups(plain, DIT_LINEARS, "test") if not g.representative.endswith("to_q")]
+    assert len(groups) == 2 * 3 + 1
+    stats = timestep_stats(plain, {g.representative: g.layers[g.representative] for g in groups}, "test")
+    assert len(stats.timesteps) > 1
+    after = balanced.layers()
+    differs = False
+    for group in groups:
+        sw = group.weight_salience()
+        per_step = stats.absmax[group.representative]
+        s_rho = calibrated_salience(per_step, sw)
+        differs |= not torch.allclose(s_rho, per_step.amax(0), rtol=1e-2)
+        balanced_sw = torch.stack([after[n].weight.abs().amax(0) for n in group.names]).amax(0)
+        assert torch.allclose(balanced_sw, (s_rho * sw).sqrt(), rtol=1e-4), group.names
+    assert differs  # the test tells SSC from the plain maximum

@@ -44,7 +44,9 @@ def test_search_space_is_the_authors() -> None:
     assert len(grid) == 39 and grid[0] == (0.0, 0.0)
     assert (0.5, 0.0) in grid and (0.25, 0.75) in grid
     assert smoothing_candidates(0.3, 20) == [(0.3, 0.7)]
-    assert branch_rank(32, torch.empty(1536, 256)) == 32 and branch_rank(32, torch.empty(32, 32)) == 8
+    # rank 32 at the paper's 1152-wide PixArt-Sigma, scaled with the smaller dimension, in [1, min / 4]
+    assert branch_rank(32, torch.empty(4608, 1152)) == 32 and branch_rank(32, torch.empty(1024, 256)) == 7
+    assert branch_rank(32, torch.empty(32, 32)) == 1 and branch_rank(32, torch.empty(32, 32), None) == 8
 
 
 def test_full_precision_output_unchanged_and_w4a4_error_below_rtn() -> None:
@@ -75,7 +77,7 @@ def test_stage_on_a_tiny_dit_keeps_the_fp_output(tiny_model_dir) -> None:
         tiny_model_dir("dit"),
         quant={"w_bits": 4, "a_bits": 4, "a_dynamic": True, "a_granularity": "token"},
         stages=[{"method": "uniform", "n_samples": 4},
-                {"method": "svdquant", "grid": 2, "max_rows": 128}, {"method": "rtn"}],
+                {"method": "svdquant", "grid": 2, "max_rows": 128, "rank": 8, "reference_width": None}, {"method": "rtn"}],
     ))
     ctx = Session(recipe).quantize(recipe)
     layers = ctx.layers()

@@ -1,4 +1,5 @@
-"""The DiT methods on a text-conditional U-Net: cross-attention is quantized and still reads the text."""
+"""The DiT methods on text-conditional models (U-Net, PixArt): cross-attention is quantized and still
+reads the text."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ METHODS = {
 }
 
 
+@pytest.mark.parametrize("kind", ["unet2d_condition", "pixart"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cross_attention_quantized_and_prompts_still_differ(tiny_model_dir, method) -> None:
+def test_cross_attention_quantized_and_prompts_still_differ(tiny_model_dir, kind, method) -> None:
     stages, quant = METHODS[method]
-    r = parse_recipe(tiny_recipe(tiny_model_dir("unet2d_condition"), quant=quant,
+    r = parse_recipe(tiny_recipe(tiny_model_dir(kind), quant=quant,
                                  stages=[{"method": "uniform", "n_samples": 8}, *stages]))
     session = Session(r)
     ctx = session.quantize(r)
@@ -36,7 +38,8 @@ def test_cross_attention_quantized_and_prompts_still_differ(tiny_model_dir, meth
 
     model = session.fp.model
     prompts = session.sampler.encode_prompts(model, ["a red car", "a bowl of soup"])
-    noise = torch.randn(1, model.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    size = model.config.sample_size
+    noise = torch.randn(1, model.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     x = noise.repeat(2, 1, 1, 1)
     t = torch.full((2,), 500)
     with torch.no_grad():

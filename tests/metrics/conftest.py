@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from qsearch.metrics.zoo import find_zoo
+from qsearch.zoo import find_zoo
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _JPEGS: list[tuple[int, bytes]] | None = None

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from qsearch.metrics import res9
-from qsearch.metrics.zoo import find_zoo
+from qsearch.zoo import find_zoo
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_multi_fidelity_prunes_only_dominated_trials(url):
         dominator = by_number[int(t.user_attrs[PRUNED_BY].rsplit(" ", 1)[1])]
         assert dominator.state == TrialState.COMPLETE
         # the pruned configuration really is dominated (the proxy's noise is below the margin)
-        from synthetic import quality_of, size_of, PARAMS, block
+        from tests.search.synthetic import PARAMS, block, quality_of, size_of
 
         bits = {n: t.params[f"w_bits:{block(n)}"] for n in PARAMS if f"w_bits:{block(n)}" in t.params}
         assert quality_of(bits) > dominator.values[0] and round(quality_of(bits), 12) not in true
@@ -156,6 +156,41 @@ def test_plain_optuna_reads_the_database(url):
     assert loaded.metric_names == ["fid", "avg_weight_bits"]
     assert [t.values for t in loaded.trials] == [t.values for t in study.trials]
     assert len(loaded.best_trials) >= 1
+
+
+def _wsgi_get(app, path: str) -> tuple[str, dict]:
+    """GET ``path`` from a WSGI app in this process (no server): status line and parsed JSON."""
+    import io
+    import json
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    return status[0], json.loads(body)
+
+
+def test_optuna_dashboard_reads_the_database(url):
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    space, study, _ = _run(space_data(constraints={"max_avg_weight_bits": 5.0}), url, 8)
+    app = optuna_dashboard.wsgi(url)  # the dashboard's own app on the storage URL qsearch wrote
+    status, studies = _wsgi_get(app, "/api/studies")
+    assert status.startswith("200")
+    (summary,) = studies["study_summaries"]
+    assert summary["study_name"] == "synthetic"
+    status, detail = _wsgi_get(app, f"/api/studies/{summary['study_id']}")
+    assert status.startswith("200") and len(detail["trials"]) == len(study.trials)
+    assert detail["objective_names"] == ["fid", "avg_weight_bits"]
+    # the dashboard's Pareto front ignores constraints: it is Optuna's best_trials plus the
+    # over-budget trials that nothing feasible dominates (here the uniform W8 baseline)
+    dashboard_front = {t["number"] for t in detail["best_trials"]}
+    ours = {t.number for t in study.best_trials}
+    assert ours < dashboard_front
+    assert all(any(v > 0 for v in study.trials[n].constraints.values()) for n in dashboard_front - ours)
+    by_number = {t["number"]: t for t in detail["trials"]}
+    for t in study.trials:
+        assert by_number[t.number]["state"] == t.state.name.capitalize()
 
 
 def test_trial_recipe_and_metrics_roundtrip(url):
