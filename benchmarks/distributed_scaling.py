@@ -4,29 +4,37 @@ For each worker count the same number of trials of a fresh study runs through ``
 code path (``qsearch.distributed.launch``, a fresh local Ray each time). Reported per point:
 
 * ``trials_per_hour``: trials / the study's trial span (first trial started to last trial finished,
-  from the database), i.e. the steady state; ``trials_per_hour_wall`` includes the launch's one-off
-  start-up (Ray, worker processes importing torch, each worker's Session: FP model, calibration
-  trajectories and reference samples), reported as ``startup_s``;
+  from the database); it includes each worker's one-off FP work in its first trial (the Session
+  computes calibration trajectories and reference samples lazily), not the launch's start-up (Ray,
+  worker processes importing torch, loading the model), which ``trials_per_hour_wall`` includes and
+  ``startup_s`` reports;
 * ``ratio`` = trials per hour / those of the first (smallest) worker count, ``efficiency`` = ratio x
   (smallest count / workers);
 * a completeness check: exactly ``--trials`` finished trials, unique numbers, none RUNNING or WAITING,
-  the stored Pareto front equal to Optuna's ``best_trials``; with ``--kill-one``, one worker is
-  SIGKILLed mid-trial once a third of the trials are done (its trial must be FAILED and retried);
+  the stored Pareto front equal to Optuna's ``best_trials``;
 * with GPUs, each GPU's mean utilisation over the run (``nvidia-smi -l 1`` in a background thread).
 
-Ray's overhead per trial: the same study run in this process by ``run_trials`` (no Ray) for
-``--in-process-trials`` trials gives seconds per trial; ``ray_overhead_per_trial_s`` is the 1-worker
-run's span per trial minus that.
+``--kill-one`` adds one more run at the largest worker count in which a worker is SIGKILLed mid-trial
+once a third of the trials are done (``kill_run``: its trial must be FAILED and retried, the study
+complete); the scaling points themselves run undisturbed.
+
+Ray's overhead per trial: the same study run in this process by ``run_trials`` (no Ray, no board,
+same number of trials, so the same one-off FP-reference work in the first trial) gives the span of
+the trials without distribution; ``ray_overhead_per_trial_s`` = (1-worker span - in-process span) /
+trials. Both spans come from the trials' start/complete times in the database.
 
 CPU (default: a tiny U-Net built here, a few seconds of real quantize + sample work per trial on one
 thread per worker):
 
     python benchmarks/distributed_scaling.py --workers 1 2 4 --trials 24 --out $OUT/scaling.json
 
-Multi-GPU (issue 9: one worker per GPU; multi-fidelity off so that every trial does the same work):
+Multi-GPU (issue 9: one worker per GPU; multi-fidelity and sensitivity seeding off so that every
+trial does the same work; fewer samples and steps to fit the GPU budget):
 
     python benchmarks/distributed_scaling.py --space spaces/ddpm-cifar10.yaml --gpus-per-trial 1 \\
-        --workers 1 8 --trials 32 --kill-one --set fidelity.enabled=false --out $OUT/scaling-gpu.json
+        --workers 1 8 --trials 16 --kill-one --in-process-trials 0 --set fidelity.enabled=false \\
+        --set seed_trials.sensitivity_targets=[] --set base.eval.n_samples=500 \\
+        --set base.sampler.steps=20 --out $OUT/scaling-gpu.json
 """
 
 from __future__ import annotations
@@ -183,14 +191,16 @@ def check(url: str, name: str, n_trials: int) -> dict[str, Any]:
     }
 
 
-def run_point(space: SearchSpace, workers: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """One launch of a fresh study on ``workers`` workers."""
-    point = space.model_copy(update={"name": f"{space.name}-w{workers}"})
-    url = f"sqlite:///{workdir / f'scaling-w{workers}.db'}" if not args.storage else args.storage
+def run_point(space: SearchSpace, workers: int, args: argparse.Namespace, workdir: Path,
+              kill: bool = False) -> dict[str, Any]:
+    """One launch of a fresh study on ``workers`` workers (``kill``: SIGKILL one mid-trial)."""
+    label = f"w{workers}" + ("-kill" if kill else "")
+    point = space.model_copy(update={"name": f"{space.name}-{label}"})
+    url = f"sqlite:///{workdir / f'scaling-{label}.db'}" if not args.storage else args.storage
     killed: dict[str, Any] = {}
 
     def kill_one(view: LaunchView) -> None:
-        if killed or workers < 2 or view.status.finished < args.trials // 3:
+        if killed or view.status.finished < args.trials // 3:
             return
         import optuna
 
@@ -204,7 +214,7 @@ def run_point(space: SearchSpace, workers: int, args: argparse.Namespace, workdi
                 return
 
     def show(view: LaunchView) -> None:
-        if args.kill_one:
+        if kill:
             kill_one(view)
 
     n_gpus = gpu_count() if args.gpus_per_trial else 0
@@ -245,8 +255,8 @@ def in_process(space: SearchSpace, n: int, workdir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     run_trials(point, study, n, evaluator=evaluator)
     wall = time.perf_counter() - started
-    trials = optuna.load_study(study_name=point.name, storage=url).get_trials()
-    span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    done = [t for t in optuna.load_study(study_name=point.name, storage=url).get_trials() if t.datetime_complete]
+    span = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
     return {"trials": n, "setup_s": round(setup, 2), "wall_s": round(wall, 2), "span_s": round(span, 2),
             "trial_s": round(span / n, 3)}
 
@@ -259,10 +269,12 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="PATH=YAML override of the space, repeatable")
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps of the built-in CPU study")
-    p.add_argument("--n-samples", type=int, default=32, help="samples per trial of the built-in CPU study")
-    p.add_argument("--in-process-trials", type=int, default=4, help="trials of the no-Ray baseline (0: skip)")
-    p.add_argument("--kill-one", action="store_true", help="SIGKILL one worker mid-trial in multi-worker runs")
+    p.add_argument("--steps", type=int, default=8, help="DDIM steps of the built-in CPU study")
+    p.add_argument("--n-samples", type=int, default=16, help="samples per trial of the built-in CPU study")
+    p.add_argument("--in-process-trials", type=int, default=None,
+                   help="trials of the no-Ray baseline (default: --trials, as the 1-worker run; 0: skip)")
+    p.add_argument("--kill-one", action="store_true",
+                   help="one more run at the largest worker count, SIGKILLing a worker mid-trial")
     p.add_argument("--heartbeat", type=int, default=2)
     p.add_argument("--grace", type=int, default=10)
     p.add_argument("--storage", help="one database URL for every point (e.g. postgresql://...; default: a SQLite file per point)")
@@ -283,16 +295,21 @@ def main() -> None:
         point = run_point(space, workers, args, workdir)
         out["points"].append(point)
         print(json.dumps(point), flush=True)
-    if args.in_process_trials:  # last: its Session stays in this process (and on its GPU)
-        out["in_process"] = in_process(space, args.in_process_trials, workdir)
+    if args.kill_one:  # a separate run, so that the scaling points are not slowed by the kill
+        out["kill_run"] = run_point(space, max(args.workers), args, workdir, kill=True)
+        print(json.dumps(out["kill_run"]), flush=True)
+    n_in_process = args.trials if args.in_process_trials is None else args.in_process_trials
+    if n_in_process:  # last: its Session stays in this process (and on its GPU)
+        out["in_process"] = in_process(space, n_in_process, workdir)
         print(f"in-process: {out['in_process']}", flush=True)
     base = out["points"][0]
     for point in out["points"]:
         if point["trials_per_hour"] and base["trials_per_hour"]:
             point["ratio"] = round(point["trials_per_hour"] / base["trials_per_hour"], 3)
             point["efficiency"] = round(point["ratio"] * base["workers"] / point["workers"], 3)
-    if "in_process" in out and base["workers"] == 1 and base["span_s"]:
-        out["ray_overhead_per_trial_s"] = round(base["span_s"] / base["trials"] - out["in_process"]["trial_s"], 3)
+    if "in_process" in out and base["workers"] == 1 and base["span_s"] and n_in_process == base["trials"]:
+        out["ray_overhead_per_trial_s"] = round((base["span_s"] - out["in_process"]["span_s"]) / base["trials"], 3)
+        out["ray_overhead_fraction"] = round(base["span_s"] / out["in_process"]["span_s"] - 1, 4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     for point in out["points"]:

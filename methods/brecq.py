@@ -42,9 +42,12 @@ Defaults are the papers' (``lambda`` 0.01, ``beta`` 20 -> 2, warm-up 0.2, Adam 1
 number of iterations: the papers run 20,000 (weights) and 5,000 (activations) per unit, a budget
 of hours; the defaults here are 1,000 and 250, and the knobs ``iters``/``act_iters`` restore them.
 With a short schedule raise ``lr`` with it: the rounding variables must travel a fixed distance
-(on a zoo ResBlock, 100 iterations at 2e-2 reach the error of 1,000 at 1e-3). ``ctx.state
-["reconstruction"][stage]`` records each unit's loss before/after and how many rounding variables
-ended hard (0 or 1): far below 1 means the schedule was too short for the regulariser to decide.
+(on a zoo ResBlock, 100 iterations at 2e-2 reach the error of 1,000 at 1e-3; on the zoo's
+``down_blocks.1.resnets.1`` at W4 the block loss falls from 2.14 at mse_clip RTN to 0.87 / 0.75 /
+0.67 with 50 @ 4e-2 / 100 @ 2e-2 / 300 @ 1e-2, with 49% / 57% / 79% of the ``h(V)`` hard when
+training stops). ``ctx.state["reconstruction"][stage]`` records each unit's loss before/after and
+how many rounding variables ended hard (0 or 1): far below 1 means the schedule was too short for
+the regulariser to decide every weight before the final ``[V >= 0]``.
 
 Not implemented: BRECQ's Fisher-weighted losses (``opt_mode`` fisher_diag/fisher_full of its
 code; its released ImageNet script and Q-Diffusion run the MSE mode used here), rounding of

@@ -15,7 +15,10 @@ over the denoising steps. DiTAS smooths them SmoothQuant-style with factors that
   the one whose *quantized* layer output is closest (MSE, summed over the timesteps) to the FP output:
   the smoothed weight is min-max quantized with the layer's weight quantizer and the smoothed input
   with its activation quantizer (static quantizers get the min-max range over all timesteps, dynamic
-  ones their per-call range), exactly the grids the following ``rtn`` stage sets.
+  ones their per-call range), exactly the grids the following ``rtn`` stage sets. (The authors'
+  ``optimization`` multiplies the weight quantized *before* smoothing by the factor and does not
+  re-quantize it, so their search sees the activation error only; here the error is that of the
+  layer as it will run, with both operands quantized after smoothing.)
 * **Re-parameterization** as in the authors' ``merge``: ``1/s`` of QKV and FC1 folds into the adaLN
   modulation, of the attention projection into ``to_v``; FC2's stays an online division (the layer's
   ``pre``). The machinery is PTQ4DiT's (``methods.ptq4dit``); ``to_q/to_k/to_v`` share one factor

@@ -29,8 +29,8 @@ both quantizers in the loop*. That search is the default here (``alpha: null``);
 Rank: 32 in the paper on every model, whose narrowest diffusion transformer is PixArt-Sigma (hidden size
 1152). A 256-wide layer at rank 32 would carry a branch that costs as many stored bits as its 4-bit
 weight, which is no longer the paper's trade-off; so ``rank`` is the rank at ``reference_width`` (1152)
-and scales with the layer's smaller dimension, keeping the branch's share of the layer's storage as in
-the paper (rank 7 for the 256-wide zoo DiT); ``reference_width: null`` uses ``rank`` unscaled. The rank
+and scales with the layer's smaller dimension, keeping the branch's share of the layer's storage roughly
+as in the paper (rank 7 for the 256-wide zoo DiT); ``reference_width: null`` uses ``rank`` unscaled. The rank
 is always at least 1 and at most a quarter of the smaller weight dimension.
 
 What is partial: the authors' code refines the branch iteratively (``L <- SVD_r(W_hat - Q(W_hat - L))``,

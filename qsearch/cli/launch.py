@@ -9,6 +9,7 @@ locking is unsafe on network file systems.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import typer
 from rich.live import Live
@@ -20,7 +21,7 @@ from qsearch.storage.db import DEFAULT_URL
 
 @app.command()
 def launch(
-    space_file: str = typer.Argument(..., help="search-space YAML file"),
+    space_file: Path = typer.Argument(..., help="search-space YAML file"),
     workers: int = typer.Option(..., "--workers", "-w", min=1, help="Ray workers (each runs one trial at a time)"),
     gpus_per_trial: float = typer.Option(0.0, "--gpus-per-trial", min=0, help="GPUs per worker (0.5: two per GPU)"),
     cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", min=0.1, help="CPUs (torch threads) per worker"),

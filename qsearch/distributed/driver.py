@@ -126,8 +126,10 @@ def launch(
     watch = RunningTrialWatch()
     started_ray = _init_ray(address, workers, cpus_per_worker)
     if gpus_per_trial and ray.cluster_resources().get("GPU", 0) < gpus_per_trial:
-        raise RuntimeError(f"--gpus-per-trial {gpus_per_trial}: the Ray cluster has "
-                           f"{ray.cluster_resources().get('GPU', 0)} GPUs")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if started_ray:
+            ray.shutdown()
+        raise RuntimeError(f"--gpus-per-trial {gpus_per_trial}: the Ray cluster has {gpus} GPUs")
     board = ray.remote(Board).options(num_cpus=0).remote()
     task = ray.remote(run_worker).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_trial, max_retries=0)
     options = dict(board=board, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
@@ -156,8 +158,6 @@ def launch(
                         if stop.is_set() or with_retries(lambda: study_status(study, n_trials)).finished >= n_trials:
                             continue
                     except RayTaskError:  # the worker's own error (e.g. every trial fails): not retried
-                        stop.set()
-                        board.stop.remote()
                         raise
                     except RayError as exc:  # the process died (SIGKILL, OOM, lost node)
                         deaths += 1

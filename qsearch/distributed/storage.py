@@ -1,9 +1,12 @@
 """The study database as several processes (and hosts) share it.
 
 Which URL: ``sqlite:///studies.db`` (the default) is right for workers on ONE host: SQLite serialises
-writers with file locks, and with the write-ahead log and a long busy timeout
-(``qsearch.storage.db.tune_sqlite`` / ``make_engine``) a handful of workers each committing a few
-times per trial wait for each other instead of failing. For workers on SEVERAL hosts use a server
+writers with file locks, and with the write-ahead log and a 60 s busy timeout
+(``qsearch.storage.db.tune_sqlite`` and the ``connect_args`` that ``qsearch.search.study.rdb_storage``
+gives Optuna's ``RDBStorage`` through ``engine_kwargs``) a handful of workers each committing a few
+times per trial wait for each other instead of failing. The busy timeout cannot help a transaction
+that read before another process committed and then writes (SQLite answers "database is locked" at
+once); ``with_retries`` re-runs such a step, and the workers wrap ``run_trials`` in it. For workers on SEVERAL hosts use a server
 database, e.g. ``postgresql://user:password@dbhost:5432/qsearch``: SQLite over a network file system
 (NFS, SMB, most cluster home directories) is unsafe, because those file systems do not implement the
 POSIX advisory locks SQLite relies on correctly, and its WAL mode needs shared memory that only

@@ -20,9 +20,9 @@ from qsearch.distributed import LaunchView, launch
 from qsearch.search.space import parse_space
 from qsearch.storage import trials as stored_trials
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(240)]  # a lost trial would hang
 
-HEARTBEAT = {"heartbeat_interval": 1, "grace_period": 2}
+FAST = {"heartbeat_interval": 1, "grace_period": 2, "poll_s": 0.5}  # a dead worker's trial is retried after ~2 s
 
 
 def _space():
@@ -47,13 +47,13 @@ def _assert_complete(url: str, n: int) -> optuna.Study:
 
 
 def test_workers_complete_the_requested_trials_exactly_once(storage_url):
-    result = launch(_space(), storage_url, workers=2, n_trials=8, evaluator_factory=SlowFactory(0.4), **HEARTBEAT)
+    result = launch(_space(), storage_url, workers=2, n_trials=8, evaluator_factory=SlowFactory(0.4), **FAST)
     assert result.complete and result.deaths == 0 and not result.stopped
     study = _assert_complete(storage_url, 8)
     assert len(study.trials) == 8  # no surplus, failed or retried trial either
     done = [sum(w["done"].values()) for w in result.workers]
     assert sum(done) == 8 and all(d > 0 for d in done)  # both workers did trials
-    assert {w["pid"] for w in result.workers}.__len__() == 2
+    assert len({w["pid"] for w in result.workers}) == 2
 
 
 def test_a_killed_worker_loses_nothing_and_its_trial_is_retried(storage_url):
@@ -72,7 +72,7 @@ def test_a_killed_worker_loses_nothing_and_its_trial_is_retried(storage_url):
         os.kill(busy[0]["pid"], signal.SIGKILL)  # not a polite stop, in the middle of a trial
 
     result = launch(_space(), storage_url, workers=2, n_trials=6, evaluator_factory=SlowFactory(1.0),
-                    progress=kill_mid_trial, **HEARTBEAT)
+                    progress=kill_mid_trial, **FAST)
     assert killed and result.deaths == 1 and result.respawns == 1 and result.complete
     study = _assert_complete(storage_url, 6)
     by_number = {t.number: t for t in study.trials}
@@ -93,9 +93,9 @@ def test_stopping_and_relaunching_continues_the_study(storage_url):
         if view.status.finished >= 3:
             stop.set()
 
-    first = launch(space, storage_url, workers=2, n_trials=12, evaluator_factory=SlowFactory(0.5), stop=stop,
-                   progress=stop_after_three, **HEARTBEAT)
-    assert first.stopped and not first.complete and 3 <= first.status.finished < 12
+    first = launch(space, storage_url, workers=2, n_trials=10, evaluator_factory=SlowFactory(0.5), stop=stop,
+                   progress=stop_after_three, **FAST)
+    assert first.stopped and not first.complete and 3 <= first.status.finished < 10
     study = optuna.load_study(study_name="dist", storage=storage_url)
     before = {t.number: (t.values, t.params) for t in study.get_trials() if t.state.is_finished()}
     assert not [t for t in study.get_trials() if t.state == TrialState.RUNNING]  # the running trials finished
@@ -111,12 +111,12 @@ def test_stopping_and_relaunching_continues_the_study(storage_url):
                 killed.add(w["pid"])
                 os.kill(w["pid"], signal.SIGKILL)
 
-    second = launch(space, storage_url, workers=2, n_trials=12, evaluator_factory=SlowFactory(1.5),
-                    max_respawns=0, progress=kill_all, **HEARTBEAT)
+    second = launch(space, storage_url, workers=2, n_trials=10, evaluator_factory=SlowFactory(1.5),
+                    max_respawns=0, progress=kill_all, **FAST)
     assert second.deaths == 2 and not second.complete
-    third = launch(space, storage_url, workers=2, n_trials=12, evaluator_factory=SlowFactory(0.2), **HEARTBEAT)
+    third = launch(space, storage_url, workers=2, n_trials=10, evaluator_factory=SlowFactory(0.2), **FAST)
     assert third.complete
-    study = _assert_complete(storage_url, 12)
+    study = _assert_complete(storage_url, 10)
     after = {t.number: (t.values, t.params) for t in study.trials}
     assert all(after[n] == v for n, v in before.items())  # continued, nothing redone or lost
     failed = [t for t in study.trials if t.state == TrialState.FAIL]

@@ -45,6 +45,7 @@ def test_transient_errors_are_retried_and_others_are_not():
         with_retries(broken, backoff_s=0.01)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_trial_that_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
     """Killed between ``ask`` and its heartbeat thread: Optuna alone would leave it RUNNING forever."""
     url = f"sqlite:///{tmp_path / 'studies.db'}"
