@@ -6,14 +6,23 @@ same sample count, the number of full evaluations the multi-fidelity scheme save
 the hypervolume after each trial and, with ``--audit K``, K proxy-pruned trials evaluated in full
 afterwards to count wrong prunes (a pruned trial that would have entered the front).
 
-    python benchmarks/search_study.py --out runs/search --variant fp16 --max-minutes 9.5
-
-CPU check at tiny scale (seconds of work, not a meaningful front):
+CPU check at tiny scale (minutes on a shared 2-core machine, not a meaningful front):
 
     python benchmarks/search_study.py --out /tmp/search --device cpu --trials 3 --steps 2 \\
         --n-samples 8 --proxy-samples 4 --batch-size 8 --autocast none \\
         --set base.calibration_pool.samples=2 --set base.stages.0.n_samples=4 \\
-        --set seed_trials.sensitivity_samples=2 --set seed_trials.sensitivity_targets=[3] --audit 1
+        --set seed_trials.sensitivity_samples=2 --set seed_trials.sensitivity_targets=[3] --audit 1 \\
+        --set 'base.stages.1={method: rtn}'
+
+(``rtn`` instead of the space's ``mse_clip`` on CPU only: the MSE range search over 113 layers and
+20 candidate ranges costs minutes of CPU per trial; on the GPU it is seconds.)
+
+H100 plan for BENCHMARKS.md (about 8 minutes; each trial quantizes with ``mse_clip`` (~1-3 s), scores
+the 256-sample DDIM-50 MSE proxy (~1 s), and trials that can still enter the front get FID-res9 on
+``--n-samples`` samples (1,000: ~4 s with bf16 autocast)):
+
+    python benchmarks/search_study.py --out runs/search --variant fp16 --n-samples 1000 --audit 2 \\
+        --max-minutes 7.5
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ A trial:
    (``Trial.set_constraint``: Optuna 5 deprecates samplers' ``constraints_func`` for it; NSGA-II,
    TPE and ``best_trials`` read these), and the front snapshot with its hypervolume is stored.
 
+Plain Optuna (``optuna.load_study``) and optuna-dashboard read the database as it is; note that the
+dashboard's Pareto view ignores constraint values, so it also shows over-budget trials that nothing
+feasible dominates (``qsearch pareto`` and ``best_trials`` do not).
+
 Errors (NaN samples, bad configurations) make the trial FAILED with the error in its user attrs;
 Ctrl-C makes the running trial FAILED, enqueues its configuration again, and stops.
 

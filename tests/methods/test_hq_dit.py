@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -76,10 +77,11 @@ def test_heavy_tails_get_more_exponent_bits_than_flat_data() -> None:
     assert act[0] < act[1]
 
 
-def test_stage_on_a_tiny_dit(tiny_model_dir) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stage_on_a_tiny_dit(tiny_model_dir, bits: int) -> None:
     recipe = parse_recipe(tiny_recipe(
         tiny_model_dir("dit"),
-        quant={"w_bits": 4, "w_format": "fp", "a_bits": 4, "a_format": "fp"},
+        quant={"w_bits": bits, "w_format": "fp", "a_bits": bits, "a_format": "fp"},
         stages=[{"method": "uniform", "n_samples": 4},
                 {"method": "hq_dit", "clip_grid": 3, "max_rows": 128}],
     ))
