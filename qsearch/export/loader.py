@@ -131,7 +131,10 @@ def _stored_tensors(root: Path, config: dict[str, Any]) -> tuple[dict[str, torch
         if metas[key]["as"] == "packed":
             packed[key] = t
         else:
-            stored[key] = tensors.decode(t, metas[key])
+            # A copy in freshly allocated (aligned) memory: safetensors' tensors are views at any
+            # byte offset of the file buffer, and CPU GEMM kernels round differently on unaligned
+            # operands, which would break bit-exact reproduction of the trial.
+            stored[key] = tensors.decode(t, metas[key]).clone()
     return stored, packed
 
 

@@ -101,6 +101,7 @@ def test_ctrl_c_fails_the_running_trial_and_a_rerun_continues(tiny_model_dir, tm
     # enough samples per trial that the trial is still running when the signal arrives
     space = _space(tiny_model_dir("unet2d"), trials=3)
     space["base"]["eval"].update(n_samples=48, batch_size=8, fidelity_samples=48)
+    space["base"]["sampler"]["steps"] = 16  # a trial of seconds: the 0.5 s below stays inside it
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     url = f"sqlite:///{tmp_path / 'studies.db'}"
