@@ -8,15 +8,20 @@ first half of the diffusion time, ``t_i ~ N(mu, sigma^2)`` with ``mu <= T/2``, a
 model's denoising trajectory at those steps as the calibration inputs.
 
 Parameterisation (from the authors' script ``quant_sample_ddim_in_backward_DNTC.sh``): mean and
-std are fractions of the number of training time-steps ``T`` (defaults 0.4 and 0.4), and draws
-are clamped to ``[0, T-1]`` as ``generate_t`` does. Each draw is then mapped to the nearest
-time-step of this sampler's trajectory (the pool holds the FP denoising trajectory at every
-sampling step), and paired with a pool sample drawn uniformly.
+std are fractions of the number of training time-steps ``T`` (defaults 0.4 and 0.4). Each draw is
+mapped to the nearest time-step of this sampler's trajectory (the pool holds the FP denoising
+trajectory at every sampling step), and paired with a pool sample drawn uniformly.
 
-One deliberate difference from the public code: there the drawn value indexes the *sampling loop
-iteration* (0 = the noisiest step) while the same value is fed to the model as its time-step, which
-contradicts itself; here ``t`` is diffusion time throughout (``t = 0`` is the clean image), which
-is what the paper's "skewed toward t = 0" describes.
+Two deliberate differences from the public code. (1) There the drawn value indexes the *sampling
+loop iteration* (0 = the noisiest step) while the same value is fed to the model as its time-step,
+which contradicts itself; here ``t`` is diffusion time throughout (``t = 0`` is the clean image),
+which is what the paper's "skewed toward t = 0" describes. (2) The authors' ``generate_t`` clamps
+draws to ``[0, T-1]``; with ``t`` as diffusion time that would pile the normal's left tail (16% of
+the set at the defaults) onto the final step ``t = 0``, whose noise prediction is pure noise that
+8-bit input quantization erases. Those inputs then dominated BRECQ's reconstruction loss (99% of
+``conv_out``'s on the zoo DDPM) and its learned activation step clipped ``conv_out`` at every step
+(W8A8 FID-res9 71.8 against 41.8 at W4A8). Draws here follow the normal *truncated* to ``[0, T)``
+(inverse-CDF sampling), which keeps the paper's distribution without the pile.
 
 Paper: Y. Shang, Z. Yuan, B. Xie, B. Wu, Y. Yan, "Post-training Quantization on Diffusion Models",
 CVPR 2023 (arXiv:2211.15736). Code: https://github.com/42Shawn/PTQ4DM
@@ -52,10 +57,13 @@ class NormalTimestepCalibration(CalibrationSampler):
         seed: int = 0
 
     def draw_timesteps(self, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-        """Diffusion time-steps ``round-down(N(mean T, (std T)^2))`` clamped to ``[0, T-1]``."""
+        """Diffusion time-steps ``round-down(N(mean T, (std T)^2))`` truncated to ``[0, T)``."""
         cfg = self.config
-        t = torch.randn(cfg.n_samples, generator=generator, dtype=torch.float64)
-        t = (cfg.mean + cfg.std * t) * num_train_timesteps
+        low, high = (torch.tensor([0.0, 1.0], dtype=torch.float64) - cfg.mean) / cfg.std
+        cdf_low, cdf_high = torch.special.ndtr(low), torch.special.ndtr(high)
+        u = torch.rand(cfg.n_samples, generator=generator, dtype=torch.float64)
+        z = torch.special.ndtri(cdf_low + u * (cdf_high - cdf_low))
+        t = (cfg.mean + cfg.std * z) * num_train_timesteps
         return t.long().clamp(0, num_train_timesteps - 1)  # .long() truncates, as the authors' .type(int)
 
     def select(self, ctx: QuantContext) -> CalibrationSet:
