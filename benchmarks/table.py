@@ -15,17 +15,14 @@ from pathlib import Path
 
 
 def load_rows(files: list[Path]) -> list[dict]:
-    """All rows of the files; the FP rows of several files (one per process) are kept once."""
-    rows, seen_fp = [], False
+    """All rows of the files, one per name: a later row of the same name (a re-run, given in a later
+    file) replaces the earlier one in its place, so the FP row written by each process appears once."""
+    rows: dict[str, dict] = {}
     for file in files:
         for line in file.read_text().splitlines():
             row = json.loads(line)
-            if row["name"] == "FP32":
-                if seen_fp:
-                    continue
-                seen_fp = True
-            rows.append(row)
-    return rows
+            rows[row["name"]] = row
+    return list(rows.values())
 
 
 def ordered(rows: list[dict], order: list[str]) -> list[dict]:

@@ -30,3 +30,12 @@ def test_rows_of_several_processes_make_one_table(tmp_path) -> None:
     assert "| w8a8_rtn | 41.50 | +1.50 | 20.0 | 4.00 | 1.5 | 100 | `r/w8a8_rtn.yaml` |" == lines[1]
     assert "+110.00" in lines[2]
     assert "failed: RuntimeError: NaN" in lines[3]
+
+
+def test_a_rerun_in_a_later_file_replaces_the_earlier_row(tmp_path) -> None:
+    old = _write(tmp_path / "old.jsonl", [_row("FP32", 40.0, float("inf")), _row("w8a8_ptq4dm", 71.8),
+                                          _row("w8a8_rtn", 41.5)])
+    new = _write(tmp_path / "new.jsonl", [_row("w8a8_ptq4dm", 41.9)])
+    rows = load_rows([old, new])
+    assert [r["name"] for r in rows] == ["FP32", "w8a8_ptq4dm", "w8a8_rtn"]
+    assert rows[1]["metrics"]["fid"] == 41.9
