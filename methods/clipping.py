@@ -68,16 +68,25 @@ class MSEClipping(Quantizer):
         max_rows: int = Field(4096, ge=16, description="calibration rows kept per layer")
 
     def apply(self, ctx: QuantContext) -> None:
-        cfg = self.config
-        ratios = torch.linspace(cfg.min_ratio, 1.0, cfg.grid)
+        self.set_weight_grids(ctx)
+        self.calibrate_activations(ctx)
+
+    def set_weight_grids(self, ctx: QuantContext) -> None:
+        """Min-max weight grids, each group's range then shrunk by the clipping search."""
         init_weights_minmax(ctx)
-        if cfg.weights:
+        if self.config.weights:
+            ratios = torch.linspace(self.config.min_ratio, 1.0, self.config.grid)
             for layer in ctx.layers().values():
                 if layer.weight_quantizer is not None and layer.weight_quantizer.bits > 1:
-                    search_weight_clipping(layer, ratios.to(layer.weight.device), cfg.p)
+                    search_weight_clipping(layer, ratios.to(layer.weight.device), self.config.p)
+
+    def calibrate_activations(self, ctx: QuantContext) -> None:
+        """Static activation ranges from calibration inputs seen through the quantized weights."""
+        cfg = self.config
         quantizers = static_act_quantizers(ctx)
         if not quantizers:
             return
+        ratios = torch.linspace(cfg.min_ratio, 1.0, cfg.grid)
         calib = ctx.require_calibration(self.name)
         inputs = capture_inputs(ctx.denoiser, quantizers, calib, max_rows=cfg.max_rows,
                                 batch_size=ctx.batch_size, seed=ctx.seed)
