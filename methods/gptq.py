@@ -19,7 +19,9 @@ is round-to-nearest on the same grid.
 The grid is fixed before the column pass: min-max per group, or shrunk by the ``mse_clip`` search
 (the default; the authors' ``static_groups`` with their MSE grid option), so the rounded weights
 lie exactly on the layer's grid and export bit-exactly; activations are then calibrated as in
-``mse_clip``, with the GPTQ weights in place. For convolutions ``X`` are the unfolded input patches,
+``mse_clip``, with the GPTQ weights in place. The stage sets every weight grid itself, so a grid an
+earlier stage chose is replaced: after ``q_dit`` (``weights: false``) the min-max group grids are
+the ones Q-DiT uses, which is how Q-DiT's final recipe composes (its groups, then GPTQ). For convolutions ``X`` are the unfolded input patches,
 one column per (input channel, kernel position), in the order of ``weight.flatten(1)``.
 
 What differs from the authors' code: the Hessians come from one calibration pass of the

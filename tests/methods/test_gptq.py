@@ -106,3 +106,23 @@ def _output_mse(model_dir, method: str) -> float:
 def test_gptq_beats_mse_clipping_on_a_tiny_model(tiny_model_dir, kind: str) -> None:
     model_dir = tiny_model_dir(kind)
     assert _output_mse(model_dir, "gptq") < _output_mse(model_dir, "mse_clip")
+
+
+def test_gptq_after_q_dit_keeps_its_groups_and_lowers_the_error(tiny_model_dir) -> None:
+    """Q-DiT's final recipe: its searched group sizes and dynamic activations, GPTQ-rounded weights."""
+    qdit = {"method": "q_dit", "group_sizes": [8, 16, 32], "min_mean_group_size": 16, "population": 4,
+            "select": 2, "mutations": 2, "crossovers": 1, "epochs": 1, "n_samples": 2}
+    errors, groups = {}, {}
+    for name, stages in {"rtn": [qdit], "gptq": [qdit, {"method": "gptq", "weights": False}]}.items():
+        recipe = parse_recipe(tiny_recipe(tiny_model_dir("dit"), quant={"w_bits": 3, "a_bits": 8},
+                                          stages=[{"method": "uniform", "n_samples": 8}, *stages]))
+        ctx = Session(recipe).quantize(recipe)
+        groups[name] = ctx.state["q_dit"]["group_sizes"]
+        with torch.no_grad():
+            errors[name] = float(torch.stack([
+                (ctx.denoiser.forward(x, t, c) - ctx.fp_denoiser.forward(x, t, c)).pow(2).mean()
+                for x, t, c in ctx.calibration.batches(8, ctx.device)
+            ]).mean())
+        assert all(l.act_quantizer.dynamic for n, l in ctx.layers().items() if n in groups[name])
+    assert groups["gptq"] == groups["rtn"]  # the same search (same seed), then GPTQ on its grids
+    assert errors["gptq"] < errors["rtn"]
