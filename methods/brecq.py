@@ -417,13 +417,20 @@ class ActTraining:
 
 
 Regularizer = Callable[[], torch.Tensor]
+UnitLoss = Callable[["Unit", "UnitData", torch.Tensor, float], torch.Tensor]
+"""``loss(unit, data, index, p)``: what a unit's reconstruction minimises on the inputs at ``index``."""
 
 
-def eval_loss(unit: Unit, data: UnitData, p: float, size: int) -> float:
+def output_loss(unit: Unit, data: UnitData, index: torch.Tensor, p: float) -> torch.Tensor:
+    """BRECQ's loss: the unit's output against the FP model's, ``L_p``."""
+    return lp_loss(data.call(unit.module, index), data.target[index], p)
+
+
+def eval_loss(unit: Unit, data: UnitData, p: float, size: int, loss: UnitLoss = output_loss) -> float:
     """Reconstruction loss on the first ``size`` captured inputs (for the record, no gradients)."""
     index = torch.arange(min(size, len(data)), device=data.target.device)
     with torch.no_grad():
-        return float(lp_loss(data.call(unit.module, index), data.target[index], p))
+        return float(loss(unit, data, index, p))
 
 
 def learn_rounding(
@@ -473,15 +480,16 @@ def learn_rounding(
 
 
 def reconstruct_rounding(
-    unit: Unit, data: UnitData, cfg: RoundingConfig, frozen: frozenset[str] = frozenset()
+    unit: Unit, data: UnitData, cfg: RoundingConfig, frozen: frozenset[str] = frozenset(),
+    loss: UnitLoss = output_loss,
 ) -> dict[str, float] | None:
-    """Learned rounding of a unit's (not frozen) layers on its output reconstruction loss."""
+    """Learned rounding of a unit's (not frozen) layers on its reconstruction loss."""
     layers = {n: m for n, m in unit.layers.items() if n not in frozen and can_round(m)}
     if not layers:
         return None
 
     def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        return lp_loss(data.call(unit.module, idx), data.target[idx], cfg.p)
+        return loss(unit, data, idx, cfg.p)
 
     return learn_rounding(layers, len(data), loss_fn, cfg)
 
@@ -504,6 +512,7 @@ def act_tensors(layer: QuantMixin) -> list[torch.Tensor]:
 def reconstruct_activations(
     unit: Unit, data: UnitData, how: ActTraining, frozen: frozenset[str] = frozenset(),
     regularizer: Regularizer | None = None, lr_of: Mapping[int, float] | None = None,
+    loss: UnitLoss = output_loss,
 ) -> dict[str, float] | None:
     """Train the unit's activation quantizers on its reconstruction loss; returns loss before/after.
 
@@ -519,7 +528,7 @@ def reconstruct_activations(
     groups: dict[float, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault(lr_of.get(id(t), how.lr), []).append(t)
-    before = eval_loss(unit, data, how.p, 2 * how.batch_size)
+    before = eval_loss(unit, data, how.p, 2 * how.batch_size, loss)
     for t in steps:
         t.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": v, "lr": k} for k, v in groups.items()])
@@ -527,11 +536,11 @@ def reconstruct_activations(
     order = batch_order(len(data), how.iters, how.batch_size, how.seed, data.target.device)
     try:
         for idx in order:
-            loss = lp_loss(data.call(unit.module, idx), data.target[idx], how.p)
+            value = loss(unit, data, idx, how.p)
             if regularizer is not None:
-                loss = loss + regularizer()
+                value = value + regularizer()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value.backward()
             optimizer.step()
             schedule.step()
             with torch.no_grad():
@@ -543,7 +552,7 @@ def reconstruct_activations(
                 t.requires_grad_(False)
                 t.grad = None
                 t.copy_(grid.to_fp16_grid(t))
-    return {"before": before, "after": eval_loss(unit, data, how.p, 2 * how.batch_size)}
+    return {"before": before, "after": eval_loss(unit, data, how.p, 2 * how.batch_size, loss)}
 
 
 @dataclass
@@ -556,6 +565,7 @@ class Reconstruction:
     units: list[Unit]
     frozen: frozenset[str] = frozenset()
     report: dict[str, Any] = field(default_factory=dict)
+    loss: UnitLoss = output_loss
 
     @classmethod
     def prepare(
@@ -578,7 +588,7 @@ class Reconstruction:
                 if all(n in self.frozen or not can_round(m) for n, m in unit.layers.items()):
                     continue
                 data = capture_unit(self.ctx, unit, self.calib, self.ctx.batch_size)
-                losses[unit.name] = reconstruct_rounding(unit, data, cfg, self.frozen)
+                losses[unit.name] = reconstruct_rounding(unit, data, cfg, self.frozen, self.loss)
         self.report["weight_seconds"] = time.perf_counter() - started
 
     def activations(
@@ -593,7 +603,9 @@ class Reconstruction:
                 continue
             data = capture_unit(self.ctx, unit, self.calib, self.ctx.batch_size)
             regularizer = regularizer_for(unit) if regularizer_for else None
-            losses[unit.name] = reconstruct_activations(unit, data, how, self.frozen, regularizer, lr_of)
+            losses[unit.name] = reconstruct_activations(
+                unit, data, how, self.frozen, regularizer, lr_of, self.loss
+            )
         self.report["activation_seconds"] = time.perf_counter() - started
 
 

@@ -1,12 +1,14 @@
-"""EDA-DM TDAC: density/variety scores as defined, and the budget follows density + lambda x variety."""
+"""EDA-DM: TDAC's density/variety scores and budget; FBR's loss and its effect on inner layers."""
 
 from __future__ import annotations
 
 import torch
 
 from tests.conftest import tiny_recipe
+from methods.brecq import capture_unit, lp_loss, output_loss, reconstruction_units
 from methods.eda_dm import (
-    TemporalDistributionAlignment, allocate, min_max, step_features, timestep_scores,
+    TemporalDistributionAlignment, allocate, fbr_loss, min_max, step_features, timestep_scores,
+    unit_outputs,
 )
 from qsearch.engine import Session
 from qsearch.recipe import parse_recipe
@@ -81,3 +83,52 @@ def test_stage_on_a_unet_spends_the_budget_by_weight(tiny_model_dir) -> None:
     for x, t in zip(ctx.calibration.x, ctx.calibration.t):  # every input is a pool trajectory entry
         step = int((traj.timesteps == t).nonzero())
         assert (traj.xs[step] == x).flatten(1).all(1).any()
+
+
+# ------------------------------------------------------------------------------------------------
+# FBR: fine-grained block reconstruction
+# ------------------------------------------------------------------------------------------------
+def _fbr_session(tiny_model_dir, method: str, **extra):
+    stage = {"method": method, "iters": 40, "lr": 1e-2, "act_iters": 5, "batch_size": 8, **extra}
+    recipe = parse_recipe(tiny_recipe(
+        tiny_model_dir("unet2d"), quant={"w_bits": 3, "a_bits": 8},
+        stages=[{"method": "uniform", "n_samples": 16}, stage],
+    ))
+    return Session(recipe).quantize(recipe)
+
+
+def _inner_layer_error(ctx) -> float:
+    """Sum over blocks of the L2 error of each inner layer's output against the block run in FP."""
+    total = 0.0
+    for unit in reconstruction_units(ctx.denoiser, ctx.calibration):
+        if len(unit.layers) < 2:
+            continue
+        data = capture_unit(ctx, unit, ctx.calibration, 8)
+        index = torch.arange(len(data))
+        with torch.no_grad():
+            _, q = unit_outputs(unit, data, index, quantized=True)
+            _, fp = unit_outputs(unit, data, index, quantized=False)
+        total += sum(float(lp_loss(q[n], fp[n], 2.0)) for n in list(unit.layers)[:-1])
+    return total
+
+
+def test_fbr_loss_is_the_block_loss_plus_weighted_inner_layer_losses(tiny_model_dir) -> None:
+    ctx = _fbr_session(tiny_model_dir, "brecq")  # any quantized model: the loss is a function of it
+    unit = next(u for u in reconstruction_units(ctx.denoiser, ctx.calibration) if len(u.layers) > 2)
+    data = capture_unit(ctx, unit, ctx.calibration, 8)
+    index = torch.arange(6)
+    with torch.no_grad():
+        block = output_loss(unit, data, index, 2.0)
+        assert torch.equal(fbr_loss(0.0)(unit, data, index, 2.0), block)  # weight 0: BRECQ's loss
+        _, q = unit_outputs(unit, data, index, quantized=True)
+        _, fp = unit_outputs(unit, data, index, quantized=False)
+        inner = sum(lp_loss(q[n], fp[n], 2.0) for n in list(unit.layers)[:-1])
+        assert inner > 0
+        assert torch.allclose(fbr_loss(0.8)(unit, data, index, 2.0), block + 0.8 * inner)
+    assert all(layer.quant_enabled for layer in unit.layers.values())  # FP pass restored the state
+
+
+def test_fbr_aligns_inner_layers_better_than_block_reconstruction(tiny_model_dir) -> None:
+    brecq = _inner_layer_error(_fbr_session(tiny_model_dir, "brecq"))
+    fbr = _inner_layer_error(_fbr_session(tiny_model_dir, "eda_dm_fbr", layer_weight=5.0))
+    assert fbr < brecq
