@@ -126,6 +126,9 @@ class SeedTrials(BaseModel):
     )
     sensitivity_low_bits: int = Field(2, ge=1, le=8)
     sensitivity_samples: int = Field(16, ge=1, description="inputs of the sensitivity probe")
+    sensitivity_neighbours: int = Field(
+        0, ge=0, description="per sensitivity assignment, variants with 1-2 groups one bit choice off"
+    )
 
 
 class SearchSpace(BaseModel):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import traceback
 import warnings
@@ -256,6 +257,26 @@ class TrialRunner:
             for target, params in self._sensitivity_params(w_choices):
                 self.study.enqueue_trial(params, user_attrs={ORIGIN: f"sensitivity-{target:g}"},
                                          skip_if_exists=True)
+                for k, variant in enumerate(self._neighbours(params, seeds.sensitivity_neighbours, target)):
+                    self.study.enqueue_trial(variant, user_attrs={ORIGIN: f"sensitivity-{target:g}-n{k}"},
+                                             skip_if_exists=True)
+
+    def _neighbours(self, params: dict[str, Any], n: int, target: float) -> list[dict[str, Any]]:
+        """``n`` variants of an assignment, each moving 1 or 2 groups' weight bits one choice up or
+        down: a local search around the sensitivity seeds, where random proposals rarely land (one
+        group at the lowest bits is enough to break a model)."""
+        rng = random.Random(f"{self.space.seed}-{target}")
+        keys = [g.param("w_bits") for g in self.groups if len(g.choices.get("w_bits", ())) > 1]
+        choices = {g.param("w_bits"): list(g.choices["w_bits"]) for g in self.groups if "w_bits" in g.choices}
+        variants: list[dict[str, Any]] = []
+        for _ in range(n if keys else 0):
+            variant = dict(params)
+            for key in rng.sample(keys, min(len(keys), rng.choice((1, 2)))):
+                i = choices[key].index(variant[key])
+                steps = [j for j in (i - 1, i + 1) if 0 <= j < len(choices[key])]
+                variant[key] = choices[key][rng.choice(steps)]
+            variants.append(variant)
+        return variants
 
     def _common_w_choices(self) -> list[int]:
         """The weight-bit choices shared by every group that searches them (empty when none)."""

@@ -85,6 +85,23 @@ def test_uniform_and_sensitivity_trials_come_first(url):
     assert ev.calls["sensitivity"] == 1
 
 
+def test_sensitivity_neighbours_are_one_or_two_choice_steps_from_their_seed(url):
+    data = space_data(seed_trials={"uniform": False, "sensitivity_targets": [4.0], "sensitivity_neighbours": 4})
+    space, study, _ = _run(data, url, 5)
+    by_origin = {t.user_attrs[ORIGIN]: t for t in study.trials}
+    assert sorted(by_origin) == ["sensitivity-4", *(f"sensitivity-4-n{k}" for k in range(4))]
+    choices = [2, 4, 8]
+    seed = _block_bits(by_origin["sensitivity-4"])
+    for k in range(4):
+        variant = _block_bits(by_origin[f"sensitivity-4-n{k}"])
+        moved = [(a, b) for a, b in zip(seed, variant) if a != b]
+        assert 1 <= len(moved) <= 2  # a neighbour, not a random configuration
+        assert all(abs(choices.index(a) - choices.index(b)) == 1 for a, b in moved)
+    # reproducible: the same space enqueues the same neighbours
+    _, again, _ = _run(data, url.replace("studies.db", "again.db"), 5)
+    assert sorted(_block_bits(t) for t in again.trials) == sorted(_block_bits(t) for t in study.trials)
+
+
 def test_multi_fidelity_prunes_only_dominated_trials(url):
     data = space_data(fidelity={"enabled": True, "proxy": "mse", "margin": 0.1}, trials=24)
     space, study, ev = _run(data, url, 24)
