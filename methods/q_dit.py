@@ -45,7 +45,6 @@ from pydantic import Field, PositiveInt
 
 from methods.ptq4dit import shared_inputs
 from methods.rtn import calibrate_minmax, init_weights_minmax
-from qsearch.quant import grid
 from qsearch.quant.modules import QuantLinear
 from qsearch.quant.quantizers import ActQuantizer, WeightQuantizer
 from qsearch.quant.spec import QuantSpec
@@ -55,31 +54,10 @@ from qsearch.stages import QuantContext, Quantizer, StageConfig
 Candidate = tuple[int, ...]
 
 
-class GroupActQuantizer(ActQuantizer):
-    """Dynamic activation quantization with one range per token and group of ``group_size`` channels."""
-
-    def __init__(self, spec: QuantSpec, group_size: int) -> None:
-        super().__init__(QuantSpec(**{**spec.model_dump(), "a_dynamic": True, "a_granularity": "token"}))
-        self.group_size = group_size
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel_dim = 1 if x.dim() == 4 else -1
-        moved = x.movedim(channel_dim, -1)
-        flat = moved.reshape(-1, moved.shape[-1])
-        groups, pad = grid.group_view(flat, "group", self.group_size)
-        g = groups.detach().float()
-        scale, zero_point = self.qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True))
-        out = self.fake_quant(groups, scale.to(x.dtype), zero_point.to(x.dtype))
-        return grid.ungroup(out, pad, flat.shape).reshape(moved.shape).movedim(-1, channel_dim)
-
-
 def grouped_spec(spec: QuantSpec, group_size: int) -> QuantSpec:
-    """The layer's spec with group-wise weights and dynamic token-wise activations."""
+    """The layer's spec with group-wise weights and dynamic per-token, per-group activations."""
     return QuantSpec(**{**spec.model_dump(), "w_granularity": "group", "group_size": group_size,
-                        "a_dynamic": True, "a_granularity": "token"})
+                        "a_dynamic": True, "a_granularity": "group", "a_group_size": group_size})
 
 
 def search_genes(ctx: QuantContext, patterns: list[str], stage: str) -> list[list[str]]:
@@ -232,5 +210,5 @@ class QDiT(Quantizer):
         wq = WeightQuantizer(spec, layer.weight.shape).to(device) if spec.w_bits is not None else None
         if wq is not None:
             wq.init_minmax(layer.weight.detach())
-        aq = GroupActQuantizer(spec, size).to(device) if spec.a_bits is not None else None
+        aq = ActQuantizer(spec).to(device) if spec.a_bits is not None else None
         return wq, aq

@@ -36,8 +36,9 @@ is always at least 1 and at most a quarter of the smaller weight dimension.
 What is partial: the authors' code refines the branch iteratively (``L <- SVD_r(W_hat - Q(W_hat - L))``,
 up to 100 iterations with early stop on the output error); this module uses the paper's single SVD.
 Only Linear layers are decomposed (as in the authors' diffusion configs, which skip embeddings and
-convolutions); the paper's activation quantizer is per-group of 64 channels, which the core's
-``a_granularity`` (tensor | token) approximates with per-token scales in the benchmark recipes.
+convolutions). The paper's activation quantizer works per token and group of 64 channels: the
+quant spec's ``a_granularity: group, a_group_size: 64`` (the first benchmark rows used per-token
+scales, ``*_g64`` recipes the paper's groups).
 """
 
 from __future__ import annotations

@@ -134,6 +134,7 @@ class ActQuantizer(nn.Module):
         self.format = spec.a_format
         self.exponent_bits = spec.act_exponent_bits if spec.a_format == "fp" else 0
         self.granularity = spec.a_granularity
+        self.group_size = spec.a_group_size
         self.dynamic = spec.a_dynamic
         self.symmetric = spec.a_symmetric or spec.a_format == "fp"
         self.register_buffer("scale", torch.ones(()))
@@ -148,7 +149,8 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         mode = "dynamic" if self.dynamic else "static"
-        return f"bits={self.bits}, format={self.format}, {mode}, granularity={self.granularity}"
+        g = f", group_size={self.group_size}" if self.granularity == "group" else ""
+        return f"bits={self.bits}, format={self.format}, {mode}, granularity={self.granularity}{g}"
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -189,8 +191,21 @@ class ActQuantizer(nn.Module):
         dim = 1 if x.dim() == 4 else -1  # conv inputs (B, C, H, W): a token is one pixel
         return xd.amin(dim, keepdim=True), xd.amax(dim, keepdim=True)
 
+    def group_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dynamic ranges per token and group of ``group_size`` channels (Q-DiT, SVDQuant's W4A4)."""
+        channel_dim = 1 if x.dim() == 4 else -1
+        moved = x.movedim(channel_dim, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        groups, pad = grid.group_view(flat, "group", self.group_size)
+        g = groups.detach().float()
+        scale, zero_point = self.qparams(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True))
+        out = self.fake_quant(groups, scale.to(x.dtype), zero_point.to(x.dtype))
+        return grid.ungroup(out, pad, flat.shape).reshape(moved.shape).movedim(-1, channel_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic:
+            if self.granularity == "group":
+                return self.group_forward(x)
             scale, zero_point = self.qparams(*self.dynamic_range(x))
             return self.fake_quant(x, scale.to(x.dtype), zero_point.to(x.dtype))
         if not self.calibrated:

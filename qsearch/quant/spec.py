@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Format = Literal["int", "fp"]
 WeightGranularity = Literal["tensor", "channel", "group"]
-ActGranularity = Literal["tensor", "token"]
+ActGranularity = Literal["tensor", "token", "group"]
 
 # Exponent bits of the common minifloat formats, used when a spec leaves them open (OCP names:
 # FP8 E4M3, FP6 E3M2, FP4 E2M1; 3- and 5-bit formats follow the same "half the bits" rule).
@@ -45,7 +45,10 @@ class QuantSpec(BaseModel):
     a_format: Format = "int"
     a_exponent_bits: int | None = Field(None, ge=1, le=5)
     a_granularity: ActGranularity = Field(
-        "tensor", description="one scale per tensor, or per token (row) when dynamic"
+        "tensor", description="one scale per tensor, or (dynamic) per token or per token and channel group"
+    )
+    a_group_size: int | None = Field(
+        None, ge=1, description="channels per activation scale when a_granularity is 'group'"
     )
     a_dynamic: bool = Field(
         False, description="compute activation ranges per call instead of calibrating them"
@@ -60,8 +63,10 @@ class QuantSpec(BaseModel):
             raise ValueError("fp weights need w_bits >= 3 (sign, exponent and mantissa)")
         if self.a_format == "fp" and self.a_bits is not None and self.a_bits not in (4, 6, 8):
             raise ValueError("fp activations support a_bits 4, 6 or 8")
-        if self.a_granularity == "token" and not self.a_dynamic:
-            raise ValueError("per-token activation quantization must be dynamic (a_dynamic: true)")
+        if self.a_granularity in ("token", "group") and not self.a_dynamic:
+            raise ValueError(f"per-{self.a_granularity} activation quantization must be dynamic (a_dynamic: true)")
+        if self.a_granularity == "group" and self.a_group_size is None:
+            raise ValueError("a_granularity 'group' needs a_group_size")
         return self
 
     @property

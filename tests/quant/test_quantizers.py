@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qsearch.quant import ActQuantizer, QuantSpec, WeightQuantizer
@@ -74,3 +75,23 @@ def test_calibration_state_survives_state_dict() -> None:
     fresh.load_state_dict(aq.state_dict())
     x = torch.randn(10)
     assert fresh.calibrated and torch.equal(fresh(x), aq(x))
+
+
+def test_group_act_quantizer_ranges_are_per_token_and_group() -> None:
+    aq = ActQuantizer(QuantSpec(a_bits=4, a_dynamic=True, a_granularity="group", a_group_size=4))
+    assert aq.dynamic
+    x = torch.randn(3, 5, 8)
+    loud = x.clone()
+    loud[..., :4] *= 1000.0  # one group of channels much larger
+    loud[1] *= 50.0  # and one token
+    q, q_loud = aq(x), aq(loud)
+    assert torch.allclose(q_loud[0, :, 4:], q[0, :, 4:]) and torch.allclose(q_loud[2, :, 4:], q[2, :, 4:])
+    assert torch.allclose(q_loud[..., :4], aq(loud[..., :4]))  # a group is quantized on its own range
+    assert (q - x).abs().max() < (x.abs().amax() / 7) * 0.51 + 1e-6  # 4 bits: half a step per group
+
+
+def test_group_activations_need_a_dynamic_quantizer_and_a_group_size() -> None:
+    with pytest.raises(ValueError, match="must be dynamic"):
+        QuantSpec(a_bits=4, a_granularity="group", a_group_size=4)
+    with pytest.raises(ValueError, match="a_group_size"):
+        QuantSpec(a_bits=4, a_dynamic=True, a_granularity="group")
