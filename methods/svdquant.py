@@ -33,8 +33,11 @@ and scales with the layer's smaller dimension, keeping the branch's share of the
 as in the paper (rank 7 for the 256-wide zoo DiT); ``reference_width: null`` uses ``rank`` unscaled. The rank
 is always at least 1 and at most a quarter of the smaller weight dimension.
 
-What is partial: the authors' code refines the branch iteratively (``L <- SVD_r(W_hat - Q(W_hat - L))``,
-up to 100 iterations with early stop on the output error); this module uses the paper's single SVD.
+Refinement: the paper takes one SVD; the authors' code refines the branch iteratively
+(``L <- SVD_r(W_hat - Q(W_hat - L))``, up to 100 iterations, early stop on the output error), here
+``refine_iters`` (default 0, the paper) applied to the searched smoothing only; the authors refine
+inside their search, for every candidate.
+
 Only Linear layers are decomposed (as in the authors' diffusion configs, which skip embeddings and
 convolutions). The paper's activation quantizer works per token and group of 64 channels: the
 quant spec's ``a_granularity: group, a_group_size: 64`` (the first benchmark rows used per-token
@@ -126,14 +129,20 @@ def decompose(weight: torch.Tensor, smoothing: torch.Tensor, rank: int) -> Decom
 
 
 @torch.no_grad()
+def quantized_residual(residual: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``Q(R)`` on the min-max grid the quantize stage will give it."""
+    if spec.w_bits is None:
+        return residual
+    wq = WeightQuantizer(spec, residual.shape).to(residual.device)
+    wq.init_minmax(residual)
+    return wq(residual)
+
+
+@torch.no_grad()
 def output_error(x: torch.Tensor, y: torch.Tensor, d: Decomposition, spec: QuantSpec) -> float:
     """Mean squared error of the quantized layer's output (two quantizers and the branch) against ``y``."""
     x_hat = x / d.smoothing
-    r_q = d.residual
-    if spec.w_bits is not None:
-        wq = WeightQuantizer(spec, d.residual.shape).to(x.device)
-        wq.init_minmax(d.residual)
-        r_q = wq(d.residual)
+    r_q = quantized_residual(d.residual, spec)
     x_q = x_hat
     if spec.a_bits is not None:
         aq = ActQuantizer(spec).to(x.device)
@@ -145,10 +154,34 @@ def output_error(x: torch.Tensor, y: torch.Tensor, d: Decomposition, spec: Quant
 
 
 @torch.no_grad()
+def refine(
+    x: torch.Tensor, y: torch.Tensor, d: Decomposition, spec: QuantSpec, iters: int
+) -> tuple[Decomposition, list[float]]:
+    """The authors' refinement: ``L <- SVD_r(W_hat - Q(W_hat - L))`` re-fits the branch to what the
+    quantized residual misses, kept while the output error falls (their early stop). Returns the
+    best decomposition and the error of each accepted step (the first is the unrefined one's)."""
+    smoothed = d.up @ d.down + d.residual
+    rank = d.up.shape[1]
+    errors = [output_error(x, y, d, spec)]
+    for _ in range(iters):
+        u, s, vh = torch.linalg.svd(smoothed - quantized_residual(d.residual, spec), full_matrices=False)
+        up, down = u[:, :rank] * s[:rank], vh[:rank]
+        candidate = Decomposition(d.smoothing, up, down, smoothed - up @ down)
+        err = output_error(x, y, candidate, spec)
+        if err >= errors[-1]:
+            break
+        d = candidate
+        errors.append(err)
+    return d, errors
+
+
+@torch.no_grad()
 def search_decomposition(
-    x: torch.Tensor, weight: torch.Tensor, spec: QuantSpec, rank: int, candidates: list[tuple[float, float]]
+    x: torch.Tensor, weight: torch.Tensor, spec: QuantSpec, rank: int, candidates: list[tuple[float, float]],
+    refine_iters: int = 0,
 ) -> Decomposition:
-    """The smoothing (with its low-rank split) of least output error on the calibration rows ``x``."""
+    """The smoothing (with its low-rank split) of least output error on the calibration rows ``x``,
+    its branch then refined by up to ``refine_iters`` steps."""
     weight = weight.float()
     y = x @ weight.T
     x_span = x.abs().amax(0).clamp(min=SPAN_FLOOR)
@@ -159,7 +192,7 @@ def search_decomposition(
         err = output_error(x, y, d, spec)
         if best is None or err < best[0]:
             best = (err, d)
-    return best[1]
+    return refine(x, y, best[1], spec, refine_iters)[0] if refine_iters else best[1]
 
 
 @torch.no_grad()
@@ -188,6 +221,9 @@ class SVDQuant(Reparameterizer):
         )
         grid: int = Field(20, ge=2, description="search grid: alpha in 1/grid .. (grid-1)/grid")
         max_rows: int = Field(4096, ge=16, description="calibration rows per layer for the search")
+        refine_iters: int = Field(
+            0, ge=0, description="branch refinement steps on the chosen smoothing (paper: 0; authors' code: up to 100)"
+        )
 
     def apply(self, ctx: QuantContext) -> None:
         cfg = self.config
@@ -207,4 +243,4 @@ class SVDQuant(Reparameterizer):
                 continue
             x = inputs[name].to(ctx.device)
             rank = branch_rank(cfg.rank, layer.weight, cfg.reference_width)
-            install(layer, search_decomposition(x, layer.weight, layer.spec, rank, candidates))
+            install(layer, search_decomposition(x, layer.weight, layer.spec, rank, candidates, cfg.refine_iters))

@@ -7,7 +7,7 @@ from torch import nn
 
 from tests.conftest import tiny_recipe
 from methods.svdquant import (
-    branch_rank, decompose, install, search_decomposition, smoothing_candidates,
+    branch_rank, decompose, install, output_error, refine, search_decomposition, smoothing_candidates,
 )
 from qsearch.engine import Session
 from qsearch.quant import QuantLinear, QuantSpec
@@ -70,6 +70,23 @@ def test_full_precision_output_unchanged_and_w4a4_error_below_rtn() -> None:
     svd.act_quantizer.set_range(smoothed.min(), smoothed.max())
     svd_err = (svd(x) - y).pow(2).mean()
     assert svd_err < 0.5 * rtn_err
+
+
+def test_refinement_lowers_the_output_error_and_stays_exact() -> None:
+    linear, x = _outlier_layer()
+    w = linear.weight.detach()
+    y = x @ w.T
+    spec = QuantSpec(w_bits=3, a_bits=None)
+    start = decompose(w, torch.ones(64), rank=4)
+    refined, errors = refine(x, y, start, spec, iters=10)
+    assert errors[0] == output_error(x, y, start, spec) and len(errors) > 1  # at least one step helped
+    assert all(b < a for a, b in zip(errors, errors[1:])) and output_error(x, y, refined, spec) == errors[-1]
+    assert torch.allclose(refined.up @ refined.down + refined.residual, w, atol=1e-4)  # still W_hat exactly
+    assert refined.up.shape == start.up.shape
+    unrefined = search_decomposition(x, w, spec, 4, [(0.0, 0.0)])
+    assert torch.equal(unrefined.up, start.up)  # refine_iters=0 is the paper's single SVD
+    chosen = search_decomposition(x, w, spec, 4, [(0.0, 0.0)], refine_iters=10)
+    assert output_error(x, y, chosen, spec) == errors[-1]
 
 
 def test_stage_on_a_tiny_dit_keeps_the_fp_output(tiny_model_dir) -> None:
