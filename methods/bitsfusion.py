@@ -49,7 +49,7 @@ from torch import nn
 from qsearch.calibration import CalibrationSet
 from qsearch.engine import AUTOCAST, Session
 from qsearch.quant.apply import quantizable_layers
-from qsearch.quant.modules import QuantModule
+from qsearch.quant.modules import QuantModule, full_precision
 from qsearch.quant.quantizers import WeightQuantizer
 from qsearch.quant.spec import QuantSpec
 from qsearch.recipe import RecipeBase
@@ -59,18 +59,6 @@ from qsearch.stages import QuantContext
 def weight_params(model: nn.Module) -> dict[str, int]:
     """Weight elements of every Conv2d/Linear layer, by name (the cost side of the assignment)."""
     return {name: layer.weight.numel() for name, layer in quantizable_layers(model).items()}
-
-
-@contextmanager
-def _full_precision(layers: dict[str, QuantModule]) -> Iterator[None]:
-    saved = {n: l.quant_enabled for n, l in layers.items()}
-    for layer in layers.values():
-        layer.quant_enabled = False
-    try:
-        yield
-    finally:
-        for n, layer in layers.items():
-            layer.quant_enabled = saved[n]
 
 
 @contextmanager
@@ -140,7 +128,7 @@ def layer_sensitivity(
     else:
         probe = _sample_probe(session, recipe, ctx, n_samples)
     drops: dict[str, float] = {}
-    with _full_precision(layers):
+    with full_precision(layers):
         for name, layer in layers.items():
             with _alone_at(layer, low_bits):
                 drops[name] = probe()

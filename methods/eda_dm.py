@@ -51,6 +51,7 @@ from methods.brecq import (
 from methods.lsq import ensure_ranges
 from qsearch.calibration import CalibrationSet
 from qsearch.models import Denoiser
+from qsearch.quant import full_precision
 from qsearch.registry import register
 from qsearch.sampling import Trajectory
 from qsearch.stages import CalibrationSampler, QuantContext, Quantizer, StageConfig
@@ -175,40 +176,31 @@ class TemporalDistributionAlignment(CalibrationSampler):
 
 
 
-def unit_outputs(
-    unit: Unit, data: UnitData, index: torch.Tensor, quantized: bool
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The unit's output on the inputs at ``index`` and each of its layers' outputs, the layers
-    quantized as they are or (``quantized=False``) all in full precision."""
+def unit_outputs(unit: Unit, data: UnitData, index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The unit's output on the inputs at ``index`` and each of its layers' outputs."""
     outputs: dict[str, torch.Tensor] = {}
-    was = {name: layer.quant_enabled for name, layer in unit.layers.items()}
     handles = [
         layer.register_forward_hook(lambda mod, args, out, _n=name: outputs.__setitem__(_n, out))
         for name, layer in unit.layers.items()
     ]
     try:
-        for name, layer in unit.layers.items():
-            layer.quant_enabled = was[name] and quantized
-        out = data.call(unit.module, index)
+        return data.call(unit.module, index), outputs
     finally:
-        for name, layer in unit.layers.items():
-            layer.quant_enabled = was[name]
         for h in handles:
             h.remove()
-    return out, outputs
 
 
 def fbr_loss(weight: float) -> UnitLoss:
     """FBR: the block's output loss plus ``weight`` x the L2 losses of its layers but the last."""
 
     def loss(unit: Unit, data: UnitData, index: torch.Tensor, p: float) -> torch.Tensor:
-        out, quantized = unit_outputs(unit, data, index, quantized=True)
+        out, quantized = unit_outputs(unit, data, index)
         block = lp_loss(out, data.target[index], p)
         inner = list(unit.layers)[:-1]
         if not inner or weight == 0:
             return block
-        with torch.no_grad():
-            _, full = unit_outputs(unit, data, index, quantized=False)
+        with torch.no_grad(), full_precision(unit.layers):
+            _, full = unit_outputs(unit, data, index)
         layers = sum(lp_loss(quantized[n], full[n], 2.0) for n in inner if n in quantized and n in full)
         return block + weight * layers
 

@@ -33,6 +33,8 @@ at round-to-nearest on their grid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -40,7 +42,7 @@ from torch import nn
 from methods.clipping import MSEClipping
 from qsearch.calibration import input_hooks, run_calibration
 from qsearch.quant import grid
-from qsearch.quant.modules import QuantConv2d
+from qsearch.quant.modules import QuantConv2d, full_precision
 from qsearch.quant.quantizers import WeightQuantizer
 from qsearch.registry import register
 from qsearch.stages import QuantContext
@@ -87,8 +89,11 @@ class HessianAccumulator:
         self.counts[name] = seen + n
 
 
-@torch.no_grad()
-def column_rounder(wq: WeightQuantizer, rows: int) -> "callable":
+ColumnRounder = Callable[[torch.Tensor, int], torch.Tensor]
+"""``round(w, j)``: column ``j`` of a weight rounded on its grid."""
+
+
+def column_rounder(wq: WeightQuantizer, rows: int) -> ColumnRounder:
     """``round(w, j)``: column ``j`` of the flattened weight rounded on the quantizer's own grid."""
     scale = wq.scale.expand(rows, -1, -1)[..., 0]  # (rows, groups)
     zero_point = wq.zero_point.expand(rows, -1, -1)[..., 0]
@@ -105,7 +110,7 @@ def column_rounder(wq: WeightQuantizer, rows: int) -> "callable":
 
 @torch.no_grad()
 def gptq_round(
-    weight: torch.Tensor, hessian: torch.Tensor, round_column, *, damp: float = 0.01,
+    weight: torch.Tensor, hessian: torch.Tensor, round_column: ColumnRounder, *, damp: float = 0.01,
     block_size: int = 128, act_order: bool = False,
 ) -> torch.Tensor:
     """GPTQ's column pass over ``weight`` (rows x cols); returns the rounded weight, same layout."""
@@ -163,16 +168,7 @@ class GPTQ(MSEClipping):
 
     def collect_hessians(self, ctx: QuantContext, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """One pass of the full-precision model (quantization off) over the calibration set."""
-        calib = ctx.require_calibration(self.name)
-        every = ctx.layers().values()
-        was = {id(m): m.quant_enabled for m in every}
-        for m in every:
-            m.quant_enabled = False
         acc = HessianAccumulator(layers)
-        try:
-            with input_hooks(layers, acc.add):
-                run_calibration(ctx.denoiser, calib, ctx.batch_size)
-        finally:
-            for m in every:
-                m.quant_enabled = was[id(m)]
+        with full_precision(ctx.layers()), input_hooks(layers, acc.add):
+            run_calibration(ctx.denoiser, ctx.require_calibration(self.name), ctx.batch_size)
         return acc.hessians

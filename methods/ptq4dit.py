@@ -39,8 +39,7 @@ reparameterizer (the benchmark rows use MSE-searched ranges, the authors' range 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,7 +49,7 @@ from torch import nn
 
 from qsearch.calibration import as_rows, input_hooks, run_calibration
 from qsearch.quant.apply import quantizable_layers
-from qsearch.quant.modules import QuantMixin
+from qsearch.quant.modules import QuantMixin, full_precision
 from qsearch.registry import register
 from qsearch.stages import QuantContext, Reparameterizer, StageConfig
 
@@ -59,19 +58,6 @@ from qsearch.stages import QuantContext, Reparameterizer, StageConfig
 DIT_LINEARS = ("*attn*.to_*", "*ff.net.*", "proj_out", "proj_out_2")
 
 SALIENCE_FLOOR = 1e-5  # dead channels (max |x| = 0) would make the balancing factor 0 or inf
-
-
-@contextmanager
-def full_precision(layers: Mapping[str, QuantMixin]) -> Iterator[None]:
-    """Quantization switched off in ``layers`` (their ``pre`` transforms stay: they are exact)."""
-    saved = {n: layer.quant_enabled for n, layer in layers.items()}
-    for layer in layers.values():
-        layer.quant_enabled = False
-    try:
-        yield
-    finally:
-        for n, layer in layers.items():
-            layer.quant_enabled = saved[n]
 
 
 class ChannelScale(nn.Module):

@@ -55,11 +55,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from methods.ptq4dit import DIT_LINEARS, SALIENCE_FLOOR, append_pre, full_precision, timestep_stats
+from methods.ptq4dit import DIT_LINEARS, SALIENCE_FLOOR, append_pre, timestep_stats
 from qsearch.calibration import CalibrationSet
 from qsearch.engine import AUTOCAST, Session
 from qsearch.models import Denoiser
-from qsearch.quant.modules import QuantLinear
+from qsearch.quant.modules import QuantLinear, full_precision
 from qsearch.recipe import RecipeBase
 from qsearch.registry import register
 from qsearch.stages import QuantContext, Reparameterizer, StageConfig

@@ -16,6 +16,9 @@ modules with decoded integer weights) computes exactly what the search measured.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -118,3 +121,17 @@ QuantModule = QuantConv2d | QuantLinear
 def quant_layers(model: nn.Module) -> dict[str, QuantModule]:
     """Every quantized layer of ``model`` by its module name, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantMixin)}
+
+
+@contextmanager
+def full_precision(layers: Mapping[str, QuantMixin]) -> Iterator[None]:
+    """Quantization switched off in ``layers`` (their ``pre`` transforms and branches stay: they are
+    exact), each layer's own setting restored afterwards."""
+    saved = {name: layer.quant_enabled for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.quant_enabled = False
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.quant_enabled = saved[name]

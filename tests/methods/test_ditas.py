@@ -7,9 +7,9 @@ import torch
 
 from tests.conftest import tiny_recipe
 from methods.ditas import search_alpha, smoothed_output_error, smoothing_factor
-from methods.ptq4dit import DIT_LINEARS, BalancingGroup, balancing_groups, full_precision, timestep_stats
+from methods.ptq4dit import DIT_LINEARS, BalancingGroup, balancing_groups, timestep_stats
 from qsearch.engine import Session
-from qsearch.quant import QuantLinear, QuantSpec
+from qsearch.quant import QuantLinear, QuantSpec, full_precision
 from qsearch.recipe import parse_recipe
 
 DITAS = {"method": "ditas", "grid": 5, "max_rows": 256}

@@ -11,6 +11,7 @@ from methods.eda_dm import (
     unit_outputs,
 )
 from qsearch.engine import Session
+from qsearch.quant import full_precision
 from qsearch.recipe import parse_recipe
 
 
@@ -106,8 +107,9 @@ def _inner_layer_error(ctx) -> float:
         data = capture_unit(ctx, unit, ctx.calibration, 8)
         index = torch.arange(len(data))
         with torch.no_grad():
-            _, q = unit_outputs(unit, data, index, quantized=True)
-            _, fp = unit_outputs(unit, data, index, quantized=False)
+            _, q = unit_outputs(unit, data, index)
+            with full_precision(unit.layers):
+                _, fp = unit_outputs(unit, data, index)
         total += sum(float(lp_loss(q[n], fp[n], 2.0)) for n in list(unit.layers)[:-1])
     return total
 
@@ -120,8 +122,9 @@ def test_fbr_loss_is_the_block_loss_plus_weighted_inner_layer_losses(tiny_model_
     with torch.no_grad():
         block = output_loss(unit, data, index, 2.0)
         assert torch.equal(fbr_loss(0.0)(unit, data, index, 2.0), block)  # weight 0: BRECQ's loss
-        _, q = unit_outputs(unit, data, index, quantized=True)
-        _, fp = unit_outputs(unit, data, index, quantized=False)
+        _, q = unit_outputs(unit, data, index)
+        with full_precision(unit.layers):
+            _, fp = unit_outputs(unit, data, index)
         inner = sum(lp_loss(q[n], fp[n], 2.0) for n in list(unit.layers)[:-1])
         assert inner > 0
         assert torch.allclose(fbr_loss(0.8)(unit, data, index, 2.0), block + 0.8 * inner)

@@ -10,10 +10,11 @@ from scipy.stats import spearmanr
 
 from tests.conftest import tiny_recipe
 from methods.ptq4dit import (
-    DIT_LINEARS, ChannelScale, balancing_groups, calibrated_salience, full_precision, spearman,
+    DIT_LINEARS, ChannelScale, balancing_groups, calibrated_salience, spearman,
     ssc_weights, timestep_stats,
 )
 from qsearch.engine import Session
+from qsearch.quant import full_precision
 from qsearch.recipe import parse_recipe
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from tests.conftest import tiny_recipe
-from methods.ptq4dit import full_precision, timestep_stats
+from methods.ptq4dit import timestep_stats
 from methods.vidit_q import (
     ScaledRotation, decoupled_sensitivity, layer_sensitivity, metric_sensitivity, smoothing_multiplier,
 )
 from qsearch.engine import Session
+from qsearch.quant import full_precision
 from qsearch.recipe import parse_recipe
 
 TOKEN_DYNAMIC = {"w_bits": 4, "a_bits": 8, "a_dynamic": True, "a_granularity": "token"}
