@@ -39,7 +39,6 @@ layer's spec (``ctx.specs``), so bits accounting and export see the format actua
 
 from __future__ import annotations
 
-import math
 
 import torch
 from pydantic import Field
@@ -47,6 +46,7 @@ from torch import nn
 
 from methods.clipping import search_act_clipping, search_weight_clipping
 from qsearch.calibration import capture_inputs
+from qsearch.quant.hadamard import rotate_channels, rotation_block
 from qsearch.quant.modules import QuantModule
 from qsearch.quant.quantizers import ActQuantizer, WeightQuantizer
 from qsearch.quant.spec import QuantSpec
@@ -56,44 +56,21 @@ from qsearch.stages import QuantContext, Quantizer, StageConfig
 MAX_EXPONENT_BITS = 5  # QuantSpec's bound (E5M2 is the widest-range 8-bit format)
 
 
-def hadamard(n: int) -> torch.Tensor:
-    """The normalized ``n x n`` Sylvester-Hadamard matrix (symmetric and orthogonal; ``n`` a power of 2)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester-Hadamard matrices exist for powers of two, not {n}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
-
-
-def rotation_block(channels: int) -> int:
-    """Largest power of two dividing ``channels``: the block of the block-diagonal Hadamard."""
-    return channels & -channels
-
-
 class HadamardRotation(nn.Module):
     """Multiplies the channel axis by ``blockdiag(H, ..., H)``: the last axis of linear inputs, axis 1 of
-    conv inputs. The matrix is a buffer, so a rotated model saves and exports with its rotations."""
+    conv inputs. Only the block size is kept: the matrix follows from it (``qsearch.quant.hadamard``)."""
 
     def __init__(self, channels: int, channel_dim: int) -> None:
         super().__init__()
         self.channels = channels
         self.channel_dim = channel_dim
-        self.register_buffer("matrix", hadamard(rotation_block(channels)))
+        self.block = rotation_block(channels)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, block={self.matrix.shape[0]}"
+        return f"channels={self.channels}, block={self.block}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rotate_channels(x, self.matrix, self.channel_dim)
-
-
-def rotate_channels(x: torch.Tensor, matrix: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """``x`` with its ``channel_dim`` axis multiplied block-wise by ``matrix``."""
-    x = x.movedim(channel_dim, -1)
-    b = matrix.shape[0]
-    rotated = (x.reshape(*x.shape[:-1], x.shape[-1] // b, b) @ matrix.to(x.dtype)).reshape(x.shape)
-    return rotated.movedim(-1, channel_dim)
+        return rotate_channels(x, self.block, self.channel_dim)
 
 
 @torch.no_grad()
@@ -111,8 +88,8 @@ def rotate_layer(layer: QuantModule) -> bool:
     channels = layer.weight.shape[1]
     if rotation_block(channels) == 1:
         return False
-    rotation = HadamardRotation(channels, channel_dim=1 if conv else -1).to(layer.weight.device)
-    layer.weight.copy_(rotate_channels(layer.weight, rotation.matrix, channel_dim=1))
+    rotation = HadamardRotation(channels, channel_dim=1 if conv else -1)
+    layer.weight.copy_(rotate_channels(layer.weight, rotation.block, channel_dim=1))
     layer.pre = rotation if layer.pre is None else nn.Sequential(layer.pre, rotation)
     return True
 

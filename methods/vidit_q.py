@@ -46,7 +46,6 @@ above, and there is no temporal metric (the reference models generate images).
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -59,20 +58,11 @@ from methods.ptq4dit import DIT_LINEARS, SALIENCE_FLOOR, append_pre, timestep_st
 from qsearch.calibration import CalibrationSet
 from qsearch.engine import AUTOCAST, Session
 from qsearch.models import Denoiser
+from qsearch.quant.hadamard import rotate_channels, rotation_block
 from qsearch.quant.modules import QuantLinear, full_precision
 from qsearch.recipe import RecipeBase
 from qsearch.registry import register
 from qsearch.stages import QuantContext, Reparameterizer, StageConfig
-
-
-def hadamard(n: int) -> torch.Tensor:
-    """The normalized ``n x n`` Sylvester-Hadamard matrix (``n`` a power of two): symmetric, orthogonal."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Sylvester-Hadamard matrices exist for powers of two, not {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
 
 
 class ScaledRotation(nn.Module):
@@ -87,16 +77,14 @@ class ScaledRotation(nn.Module):
         channels = scale.numel()
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("signs", signs.to(scale))
-        self.register_buffer("hadamard", hadamard(channels & -channels).to(scale))
+        self.block = rotation_block(channels)  # the Hadamard matrix follows from it: not stored
 
     def extra_repr(self) -> str:
-        return f"channels={self.scale.numel()}, block={self.hadamard.shape[0]}"
+        return f"channels={self.scale.numel()}, block={self.block}"
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` for the last axis of ``x``."""
-        b = self.hadamard.shape[0]
-        x = x * self.signs.to(x.dtype)
-        return (x.reshape(-1, b) @ self.hadamard.to(x.dtype)).reshape(x.shape)  # one GEMM for all blocks
+        return rotate_channels(x * self.signs.to(x.dtype), self.block)
 
     def rotation(self) -> torch.Tensor:
         """The dense ``R`` (for inspection and tests)."""

@@ -48,7 +48,7 @@ from qsearch.stages import QuantContext
 logger = logging.getLogger(__name__)
 
 FORMAT = "qsearch-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Hadamard rotations keep their block size, not the matrix
 CONFIG_FILE = "qsearch_config.json"
 WEIGHTS_FILE = "model.safetensors"
 LAYER_PARTS = ("weight_quantizer", "act_quantizer", "pre", "branch")

@@ -7,9 +7,7 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_recipe
-from methods.hq_dit import (
-    exponent_choices, fit_act_format, fit_weight_format, hadamard, rotate_channels, rotate_layer,
-)
+from methods.hq_dit import exponent_choices, fit_act_format, fit_weight_format, rotate_layer
 from qsearch.engine import Session
 from qsearch.quant import QuantConv2d, QuantLinear, QuantSpec
 from qsearch.quant.grid import fp_table
@@ -17,18 +15,6 @@ from qsearch.recipe import parse_recipe
 
 FP4 = QuantSpec(w_bits=4, w_format="fp", a_bits=4, a_format="fp")
 RATIOS = torch.linspace(0.5, 1.0, 6)
-
-
-def test_hadamard_is_symmetric_and_orthogonal() -> None:
-    for n in (1, 2, 8, 64):
-        h = hadamard(n)
-        assert torch.allclose(h, h.T)
-        assert torch.allclose(h @ h.T, torch.eye(n), atol=1e-6)
-    x = torch.randn(5, 96)  # 96 = 3 blocks of 32: block-diagonal rotation
-    once = rotate_channels(x, hadamard(32), -1)
-    assert torch.allclose(once.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
-    assert torch.allclose(rotate_channels(once, hadamard(32), -1), x, atol=1e-5)
-    assert not torch.allclose(once, x)
 
 
 def test_rotation_leaves_full_precision_output_unchanged() -> None:
