@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import importlib.util
 import json
 import statistics
@@ -100,6 +101,8 @@ def measure_memory(build: Callable[[], torch.nn.Module], device: torch.device) -
     if device.type != "cuda":
         model = build()
         return model, resident_bytes(model)
+    torch._dynamo.reset()  # compiled graphs of earlier models hold their tensors: release them first
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
@@ -173,7 +176,7 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
     def record(name: str, backend: str, model: torch.nn.Module, memory: int, disk: int, dtype: torch.dtype,
                extra: dict[str, Any]) -> None:
         if args.compile:
-            model.forward = torch.compile(model.forward)
+            model.forward = torch.compile(model.forward, dynamic=False)  # one graph per batch size
         for batch in args.batch_sizes:
             seconds = sampling_time(model, session, batch, dtype, device, args.repeats, timer)
             row = {**base, "config": name, "backend": backend, "batch": batch, "seconds": seconds,

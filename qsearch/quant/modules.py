@@ -58,6 +58,9 @@ class QuantMixin:
             return self.weight
         if torch.is_grad_enabled() and (self.weight.requires_grad or wq.scale.requires_grad):
             return wq(self.weight)
+        if torch.compiler.is_compiling():
+            # traced into the compiled graph; the cache's version checks would break the graph at every layer
+            return wq(self.weight)
         key = (
             id(self.weight), self.weight._version, self.weight.device, self.weight.dtype,
             id(wq.scale), wq.scale._version, id(wq.zero_point), wq.zero_point._version,

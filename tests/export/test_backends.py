@@ -76,6 +76,23 @@ def test_kernels_handle_a_single_row(spec, backend) -> None:
     torch.testing.assert_close(kernel(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("spec", "backend", "dequantize"),
+    [(W8A8, "fake", "load"), (W8A8_TOKEN, "fake", "load"), (W8A8, "fake", "on_the_fly"),
+     (W8A8, "int_mm", "load"), (W8A8_TOKEN, "int_mm", "load"), (FP8_TOKEN, "scaled_mm", "load")],
+)
+def test_layers_compile_into_one_graph(spec, backend, dequantize) -> None:
+    """``torch.compile`` fuses the activation quantization with the GEMM only if nothing breaks the
+    graph (``fullgraph=True`` raises on a break); the compiled layer computes what the eager one does."""
+    layer = _layer(spec)
+    x = torch.randn(3, 20, 64) * 2
+    kernel, _ = _convert(layer, backend, dequantize=dequantize)
+    with torch.no_grad():
+        expected = kernel(x)
+        compiled = torch.compile(kernel, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_grids_survive_a_cast_to_bfloat16() -> None:
     """Kernel layers keep their grids as fp32 bits: a model cast cannot round them."""
     layer = _layer(W8A8)
