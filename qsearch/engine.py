@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from qsearch.library import LayerLibrary
 from qsearch.models import Denoiser, LoadedModel, load_model
 from qsearch.quant.apply import quantize_
 from qsearch.quant.bits import bits_report
@@ -83,6 +84,7 @@ class Session:
         self.sampler = Sampler(self.loaded, recipe.sampler)
         self._trajectories: dict[tuple, Trajectory] = {}
         self._fp_samples: dict[tuple, torch.Tensor] = {}
+        self.library = LayerLibrary(self)
 
     def check_compatible(self, recipe: RecipeBase) -> None:
         """A session serves recipes on its own model and sampler only."""
@@ -115,6 +117,8 @@ class Session:
     def quantize(self, recipe: RecipeBase) -> QuantContext:
         """Apply the recipe's stages to a copy of the FP model; returns the finished context."""
         self.check_compatible(recipe)
+        if recipe.layer_library:
+            return self.library.quantize(recipe)
         model = copy.deepcopy(self.loaded.denoiser)
         plan = recipe.layer_plan()
         unmatched = plan.unmatched_patterns(model)

@@ -71,6 +71,12 @@ class RecipeBase(BaseModel):
         default_factory=dict, description="glob pattern over layer names -> QuantSpec fields"
     )
     keep_fp: list[str] = Field(default_factory=list, description="layers kept in full precision")
+    layer_library: bool = Field(
+        False,
+        description="build the model from layers calibrated once per distinct layer spec, each on a "
+        "uniform model (qsearch.library): calibrated mixed precision at the cost of a model copy per "
+        "configuration of a session; no error correctors",
+    )
     calibration_pool: CalibrationPool = Field(default_factory=CalibrationPool)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

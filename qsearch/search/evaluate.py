@@ -16,14 +16,11 @@ The three levels, cheapest first:
 from __future__ import annotations
 
 import copy
-import random
 import threading
 from typing import Any, Protocol
 
-import numpy as np
-import torch
-
 from qsearch.engine import Session
+from qsearch.seeding import seed_everything
 from qsearch.quant.apply import quantizable_layers, quantize_
 from qsearch.quant.bits import bits_report
 from qsearch.recipe import RecipeBase
@@ -53,13 +50,6 @@ class Evaluator(Protocol):
 
     def sensitivity(self, recipe: RecipeBase, low_bits: int, n_samples: int) -> dict[str, float]:
         """Per-layer quality drop at ``low_bits`` (for the sensitivity-seeded trials)."""
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for a reproducible trial."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 _sessions: dict[tuple, Session] = {}

@@ -77,3 +77,27 @@ def test_size_before_calibration_equals_the_calibrated_model(tiny_model_dir):
 
     measured = bits_report(session.quantize(recipe).model).as_dict()
     assert estimate == measured
+
+
+def test_a_layer_library_study_stores_recipes_that_rebuild_its_trials(tiny_model_dir, tmp_path):
+    """With ``layer_library: true`` trials share uniform calibrations; a stored trial recipe, quantized
+    in a fresh session (as ``qsearch export`` does), gives the model the study measured."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    model_dir = tiny_model_dir("unet2d")
+    space = _space(model_dir)
+    base = {**space.base, "layer_library": True,
+            "stages": [{"method": "uniform", "n_samples": 4}, {"method": "mse_clip"}]}
+    space = _space(model_dir, base=base, trials=3)
+    session = Session(space.recipe())
+    study = open_study(space, url)
+    run_trials(space, study, 3, session=session)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert session.library.builds == 2  # W2A8 and W8A8, however many trials mix them
+    t = next(t for t in complete if "uniform" not in t.user_attrs["qsearch:origin"])
+    recipe = parse_recipe(trial_recipe(url, "tiny", t.number))
+    assert recipe.layer_library
+    fresh = Session(recipe)
+    metrics = fresh.evaluate(fresh.quantize(recipe), recipe.model_copy(
+        update={"eval": recipe.eval.model_copy(update={"fid": False})}))
+    assert metrics["mse"] == pytest.approx(t.values[0], rel=1e-6)
