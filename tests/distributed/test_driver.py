@@ -18,6 +18,7 @@ from tests.search.synthetic import space_data
 
 from qsearch.distributed import LaunchView, launch
 from qsearch.search.space import parse_space
+from qsearch.search.study import SURPLUS
 from qsearch.storage import trials as stored_trials
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.timeout(240)]  # a lost trial would hang
@@ -50,7 +51,8 @@ def test_workers_complete_the_requested_trials_exactly_once(storage_url):
     result = launch(_space(), storage_url, workers=2, n_trials=8, evaluator_factory=SlowFactory(0.4), **FAST)
     assert result.complete and result.deaths == 0 and not result.stopped
     study = _assert_complete(storage_url, 8)
-    assert len(study.trials) == 8  # no surplus, failed or retried trial either
+    # no failed or retried trial either (a surplus one, asked by two workers at the end, is allowed)
+    assert len([t for t in study.trials if not t.user_attrs.get(SURPLUS)]) == 8
     done = [sum(w["done"].values()) for w in result.workers]
     assert sum(done) == 8 and all(d > 0 for d in done)  # both workers did trials
     assert len({w["pid"] for w in result.workers}) == 2
@@ -82,7 +84,8 @@ def test_a_killed_worker_loses_nothing_and_its_trial_is_retried(storage_url):
     assert victim.state == TrialState.FAIL  # never RUNNING forever
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params
-    assert [t.number for t in study.trials if t.state == TrialState.FAIL] == [victim.number]
+    assert [t.number for t in study.trials
+            if t.state == TrialState.FAIL and not t.user_attrs.get(SURPLUS)] == [victim.number]
 
 
 def test_stopping_and_relaunching_continues_the_study(storage_url):
@@ -119,7 +122,9 @@ def test_stopping_and_relaunching_continues_the_study(storage_url):
     study = _assert_complete(storage_url, 10)
     after = {t.number: (t.values, t.params) for t in study.trials}
     assert all(after[n] == v for n, v in before.items())  # continued, nothing redone or lost
-    failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert len(failed) == 2  # the killed trials, each retried once
+    # the killed trials, each retried once; a trial two workers asked for at the end is marked surplus
+    # (FAIL, not counted), a race the driver resolves by design
+    failed = [t for t in study.trials if t.state == TrialState.FAIL and not t.user_attrs.get(SURPLUS)]
+    assert len(failed) == 2
     for t in failed:
         assert sum(r.system_attrs.get("failed_trial") == t.number for r in study.trials) == 1
