@@ -39,7 +39,6 @@ layer's spec (``ctx.specs``), so bits accounting and export see the format actua
 
 from __future__ import annotations
 
-
 import torch
 from pydantic import Field
 from torch import nn

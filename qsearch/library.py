@@ -21,8 +21,6 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from qsearch.models import Denoiser
 from qsearch.quant.spec import FULL_PRECISION, QuantSpec
 from qsearch.recipe import RecipeBase, parse_recipe, stage_instances
@@ -44,11 +42,6 @@ def uniform_recipe(recipe: RecipeBase, spec: QuantSpec) -> RecipeBase:
 def library_key(recipe: RecipeBase) -> str:
     """What a library entry depends on: everything of the uniform recipe but its name and evaluation."""
     return recipe.model_dump_json(exclude={"name", "eval"})
-
-
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 class LayerLibrary:
@@ -89,15 +82,18 @@ class LayerLibrary:
         if not quantized:
             raise ValueError("the layer library needs at least one quantized layer")
         builds_before = self.builds
-        entries = {name: self.entry(recipe, spec) for name, spec in quantized.items()}
+        # one library lookup per distinct spec, not per layer
+        keys = {name: spec.model_dump_json() for name, spec in quantized.items()}
+        distinct = {key: quantized[name] for name, key in keys.items()}  # equal keys, equal specs
+        by_spec = {key: self.entry(recipe, spec) for key, spec in distinct.items()}
+        entries = {name: by_spec[key] for name, key in keys.items()}
         # the most used entry is copied whole; the other layers are swapped in from their own entries
-        most_used = Counter(id(ctx) for ctx in entries.values()).most_common(1)[0][0]
-        base = next(ctx for ctx in entries.values() if id(ctx) == most_used)
+        base = by_spec[Counter(keys.values()).most_common(1)[0][0]]
         model = copy.deepcopy(base.model)
-        for name, spec in specs.items():
+        for name in specs:
             source = entries[name].model if name in entries else fp_model
             if source is not base.model:
-                _replace_module(model, name, copy.deepcopy(source.get_submodule(name)).to(base.device))
+                model.set_submodule(name, copy.deepcopy(source.get_submodule(name)).to(base.device))
         ctx = QuantContext(
             denoiser=Denoiser(model), fp_denoiser=base.fp_denoiser, sampler=base.sampler,
             trajectory=base.trajectory, specs=specs, seed=base.seed, batch_size=base.batch_size,

@@ -155,7 +155,7 @@ def convert(
         for kernel in kernels:
             reason = unavailable.get(kernel) or kernel_for(layer, kernel)
             if reason is None:
-                _set_submodule(model, name, _kernel_layer(kernel, layer, codes[name][0], dtype, device))
+                model.set_submodule(name, _kernel_layer(kernel, layer, codes[name][0], dtype, device))
                 used[name] = kernel
                 break
             reasons.append(f"{kernel}: {reason}")
@@ -163,7 +163,7 @@ def convert(
             fallbacks.update(reasons)
             used[name] = "fake"
             if dequantize == "on_the_fly" and name in codes and type(layer) in PACKED:
-                _set_submodule(model, name, PACKED[type(layer)].from_quant(layer, codes[name][1], codes[name][2]))
+                model.set_submodule(name, PACKED[type(layer)].from_quant(layer, codes[name][1], codes[name][2]))
                 used[name] = "dequant_on_the_fly"
     if fallbacks:
         n = sum(1 for how in used.values() if how not in KERNELS)
@@ -185,8 +185,3 @@ def _kernel_layer(kernel: str, layer: QuantMixin, codes: torch.Tensor, dtype: to
         return Fp8MMLinear.from_quant(layer, codes)
     return TorchaoInt8Linear.from_quant(layer, codes, dtype, device)
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)

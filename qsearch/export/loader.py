@@ -154,8 +154,7 @@ def _restore_layer(model: nn.Module, name: str, entry: dict, stored: dict, packe
         spec = entry[part]
         setattr(layer, part, build_module(spec, f"{name}.{part}", stored) if spec is not None else None)
     layer.quant_enabled = entry["quant_enabled"]
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    model.set_submodule(name, layer)
     weight = entry["weight"]
     if weight is None:
         return {}

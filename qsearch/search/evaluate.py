@@ -20,10 +20,10 @@ import threading
 from typing import Any, Protocol
 
 from qsearch.engine import Session
-from qsearch.seeding import seed_everything
 from qsearch.quant.apply import quantizable_layers, quantize_
 from qsearch.quant.bits import bits_report
 from qsearch.recipe import RecipeBase
+from qsearch.seeding import seed_everything
 from qsearch.search.space import SearchSpace
 
 
