@@ -137,7 +137,8 @@ class Session:
         defaults = [REGISTRY.get(n)() for k, n in DEFAULT_STAGES.items() if k not in kinds]
         stages = sorted(defaults + stages, key=lambda s: KIND_ORDER.index(s.kind))
         for stage in stages:
-            with self.progress.task(f"{stage.kind}: {stage.name}"):
+            # reconstruction and QAT stages learn parameters: they need autograd whatever the caller's mode
+            with self.progress.task(f"{stage.kind}: {stage.name}"), torch.enable_grad():
                 started = time.perf_counter()
                 stage.apply(ctx)
                 ctx.state.setdefault("stage_seconds", {})[stage.name] = time.perf_counter() - started

@@ -60,3 +60,13 @@ def test_recipe_for_another_model_rejected(session: Session, tiny_model_dir) -> 
     other = parse_recipe(tiny_recipe(tiny_model_dir("dit")))
     with pytest.raises(ValueError, match="model differs"):
         session.quantize(other)
+
+
+def test_reconstruction_stages_learn_under_a_callers_no_grad(session: Session) -> None:
+    """BitsFusion's sensitivity probe quantizes the base recipe inside ``torch.no_grad``: BRECQ must still learn."""
+    recipe = _recipe(session, quant={"w_bits": 3, "a_bits": 8},
+                     stages=[{"method": "uniform", "n_samples": 16},
+                             {"method": "brecq", "iters": 4, "lr": 1e-2, "act_iters": 2, "batch_size": 8}])
+    with torch.no_grad():
+        ctx = session.quantize(recipe)
+    assert ctx.state["stage_seconds"]["brecq"] > 0
