@@ -77,7 +77,7 @@ from torch import nn
 from qsearch.calibration import CalibrationSet
 from qsearch.models import Denoiser, current_timestep
 from qsearch.quant import grid
-from qsearch.quant.modules import QuantMixin
+from qsearch.quant.modules import QuantMixin, activations_off
 from qsearch.quant.quantizers import ActQuantizer, WeightQuantizer
 from qsearch.registry import register
 from qsearch.stages import QuantContext, Quantizer, StageConfig
@@ -344,19 +344,6 @@ def capture_unit(
     finally:
         handle.remove()
     return UnitData.from_calls(calls, outputs)
-
-
-@contextmanager
-def activations_off(layers: Mapping[str, QuantMixin]) -> Iterator[None]:
-    """Full-precision activations in ``layers`` (the weight phase reconstructs weights alone)."""
-    saved = {name: layer.act_quantizer for name, layer in layers.items()}
-    for layer in layers.values():
-        layer.act_quantizer = None
-    try:
-        yield
-    finally:
-        for name, layer in layers.items():
-            layer.act_quantizer = saved[name]
 
 
 def calibration_subset(ctx: QuantContext, stage: str, samples: int, seed: int) -> CalibrationSet:

@@ -40,12 +40,12 @@ import torch
 from torch import nn
 
 from qsearch.calibration import CalibrationSet, input_hooks
-from qsearch.quant.modules import QuantMixin
+from qsearch.quant.modules import QuantMixin, activations_off
 from qsearch.registry import register
 from qsearch.stages import QuantContext, Quantizer
 
 from methods.brecq import (
-    BlockConfig, Reconstruction, activations_off, act_training, can_round, learn_rounding, lp_loss,
+    BlockConfig, Reconstruction, act_training, can_round, learn_rounding, lp_loss,
     timestep_context,
 )
 from methods.lsq import ensure_ranges

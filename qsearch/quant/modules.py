@@ -17,7 +17,7 @@ modules with decoded integer weights) computes exactly what the search measured.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +138,27 @@ def full_precision(layers: Mapping[str, QuantMixin]) -> Iterator[None]:
     finally:
         for name, layer in layers.items():
             layer.quant_enabled = saved[name]
+
+
+@contextmanager
+def _quantizers_removed(layers: Mapping[str, QuantMixin], attr: str) -> Iterator[None]:
+    saved = {name: getattr(layer, attr) for name, layer in layers.items()}
+    for layer in layers.values():
+        setattr(layer, attr, None)
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            setattr(layer, attr, saved[name])
+
+
+def activations_off(layers: Mapping[str, QuantMixin]) -> AbstractContextManager[None]:
+    """Full-precision activations in ``layers``, quantized weights kept: block reconstruction learns the
+    weights alone this way, and an ablation measures the error the weights cause."""
+    return _quantizers_removed(layers, "act_quantizer")
+
+
+def weights_off(layers: Mapping[str, QuantMixin]) -> AbstractContextManager[None]:
+    """Full-precision weights in ``layers``, quantized activations kept (the error the activations cause)."""
+    return _quantizers_removed(layers, "weight_quantizer")
+

@@ -8,12 +8,13 @@ from torch import nn
 
 from tests.conftest import tiny_recipe
 from methods.brecq import (
-    AdaRoundQuantizer, RoundingConfig, activations_off, bake_rounding, capture_unit, learn_rounding,
+    AdaRoundQuantizer, RoundingConfig, bake_rounding, capture_unit, learn_rounding,
     lp_loss, reconstruction_units, rounding_beta,
 )
 from methods.qdiffusion import SplitWeightQuantizer
 from qsearch.engine import Session
 from qsearch.quant import QuantConv2d, QuantLinear, QuantSpec
+from qsearch.quant.modules import activations_off
 from qsearch.recipe import parse_recipe
 
 W3 = QuantSpec(w_bits=3, a_bits=None)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.conftest import tiny_recipe
-from methods.brecq import BlockConfig, activations_off, timestep_context
+from methods.brecq import BlockConfig, timestep_context
+from qsearch.quant.modules import activations_off
 from methods.tdq import TimestepActQuantizer
 from methods.tfmq_dm import TemporalBlock, finite_set_calibration, temporal_reconstruction
 from qsearch.engine import Session
