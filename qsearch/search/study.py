@@ -342,6 +342,15 @@ class TrialRunner:
                 self._requeue(trial, params, seed)
             raise
         except Exception as exc:  # a failed configuration must not stop the study
+            told = self.study._storage.get_trial(trial._trial_id).state
+            if told.is_finished():
+                # another process failed it as stale (this worker's heartbeat came later than the grace
+                # period, e.g. on an overloaded host) and queued its retry: the retry measures it again
+                logger.warning("trial %d was finished elsewhere (%s) while it ran; its result is dropped: %s",
+                               trial.number, told.name, exc)
+                self.db.record_trial(self.space.name, trial.number, state=told.name, metrics=metrics,
+                                     timings=timings, **record)
+                return told
             logger.warning("trial %d failed: %s", trial.number, exc)
             logger.debug("%s", traceback.format_exc())
             self._fail(trial, f"{type(exc).__name__}: {exc}", record, metrics, timings)

@@ -257,3 +257,26 @@ def test_a_dead_workers_trial_is_failed_and_retried_once(url):
     assert retries[0].params["w_bits:down_blocks.0"] == trial.params["w_bits:down_blocks.0"]
     assert study_status(study, 4).finished == 4  # the failed-and-retried trial does not count
     assert sum(t.state.is_finished() for t in study.trials) == 5
+
+
+class _DeclaredDeadMidway(SyntheticEvaluator):
+    """Fails the running trial in storage during its first full evaluation, as another process's
+    stale-trial check does when a live worker's heartbeat comes later than the grace period."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        super().__init__()
+        self.study = study
+
+    def full(self, handle, recipe):
+        if self.calls["full"] == 0:
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                self.study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        return super().full(handle, recipe)
+
+
+def test_a_trial_declared_dead_while_it_runs_does_not_stop_its_worker(url):
+    space = parse_space(space_data(seed_trials={"uniform": False}))
+    study = open_study(space, url)
+    run_trials(space, study, 3, evaluator=_DeclaredDeadMidway(study))
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
