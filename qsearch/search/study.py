@@ -342,19 +342,8 @@ class TrialRunner:
                 self._requeue(trial, params, seed)
             raise
         except Exception as exc:  # a failed configuration must not stop the study
-            told = self.study._storage.get_trial(trial._trial_id).state
-            if told.is_finished():
-                # another process failed it as stale (this worker's heartbeat came later than the grace
-                # period, e.g. on an overloaded host) and queued its retry: the retry measures it again
-                logger.warning("trial %d was finished elsewhere (%s) while it ran; its result is dropped: %s",
-                               trial.number, told.name, exc)
-                self.db.record_trial(self.space.name, trial.number, state=told.name, metrics=metrics,
-                                     timings=timings, **record)
-                return told
-            logger.warning("trial %d failed: %s", trial.number, exc)
             logger.debug("%s", traceback.format_exc())
-            self._fail(trial, f"{type(exc).__name__}: {exc}", record, metrics, timings)
-            return TrialState.FAIL
+            return self._fail(trial, f"{type(exc).__name__}: {exc}", record, metrics, timings)
         return state
 
     def _measure(self, trial: Trial, origin: str, seed: int, params: dict[str, Any], record: dict[str, Any],
@@ -415,10 +404,8 @@ class TrialRunner:
 
     def abandon(self, trial: Trial) -> None:
         """Fail a trial interrupted before ``run`` started it, and queue its configuration again."""
-        if self.study._storage.get_trial(trial._trial_id).state.is_finished():
-            return
-        self._fail(trial, "interrupted", {}, {}, {})
-        self._requeue(trial, None, None)
+        if self._fail(trial, "interrupted", {}, {}, {}) == TrialState.FAIL:
+            self._requeue(trial, None, None)
 
     def _proxy_dominator(self, proxy: float, size: float) -> int | None:
         """A finished feasible trial no larger whose proxy is better by the margin, if any."""
@@ -440,12 +427,22 @@ class TrialRunner:
         return TrialState.PRUNED
 
     def _fail(self, trial: Trial, message: str, record: dict[str, Any],
-              metrics: dict[str, dict[str, float]], timings: dict[str, float]) -> None:
+              metrics: dict[str, dict[str, float]], timings: dict[str, float]) -> TrialState:
+        """Fail the trial; returns its final state. A trial already finished keeps its stored state:
+        another process failed it as stale while it ran (this worker's heartbeat came later than the
+        grace period, e.g. on an overloaded host) and queued its retry, which measures it again."""
+        stored = self.study._storage.get_trial(trial._trial_id).state
+        if stored.is_finished():
+            logger.warning("trial %d is already %s; not failed again (%s)",
+                           trial.number, stored.name, message)
+            return stored
+        logger.warning("trial %d failed: %s", trial.number, message)
         self.last_error = message
         trial.set_user_attr(ERROR, message[:2000])
-        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        self.study.tell(trial, state=TrialState.FAIL)
         self.db.record_trial(self.space.name, trial.number, state="FAIL", error=message, metrics=metrics,
                              timings=timings, **record)
+        return TrialState.FAIL
 
     # the front --------------------------------------------------------------------------------
     def update_front(self) -> None:
