@@ -35,8 +35,10 @@ https://github.com/ModelTC/TFMQ-DM (``quant/reconstruction.py``: ``tib_reconstru
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from qsearch.calibration import CalibrationSet, input_hooks
@@ -96,14 +98,19 @@ class TemporalBlock:
 
 
 def temporal_reconstruction(
-    ctx: QuantContext, calib: CalibrationSet, cfg: BlockConfig
+    ctx: QuantContext, calib: CalibrationSet, cfg: BlockConfig, timesteps: str = "calibration"
 ) -> dict[str, float] | None:
-    """TIAR: AdaRound on the TIB against the sum of the temporal-feature errors (``learn_rounding``'s record)."""
+    """TIAR: AdaRound on the TIB against the sum of the temporal-feature errors (``learn_rounding``'s record).
+
+    ``timesteps``: ``calibration`` fits the temporal features at the calibration inputs' timesteps (the
+    paper's, a few distinct values); ``sampler`` at every timestep the sampler visits, which the TIB's
+    input (``t`` alone) makes free to do.
+    """
     tib = TemporalBlock.of(ctx.model)
     layers = {n: m for n, m in tib.layers(ctx.layers()).items() if can_round(m)}
     if not layers:
         return None
-    t = calib.t.to(ctx.device)
+    t = (calib.t if timesteps == "calibration" else ctx.sampler.timesteps).to(ctx.device)
     with torch.no_grad():
         targets = TemporalBlock.of(ctx.fp_denoiser.model)(t)
 
@@ -143,7 +150,11 @@ class TFMQDM(Quantizer):
     paper = "Huang et al., TFMQ-DM: Temporal Feature Maintenance Quantization for Diffusion Models (CVPR 2024)"
 
     class Config(BlockConfig):
-        pass
+        tiar_timesteps: Literal["calibration", "sampler"] = Field(
+            "calibration",
+            description="timesteps TIAR fits the temporal features at: the calibration set's (paper) or "
+            "every sampler step",
+        )
 
     def apply(self, ctx: QuantContext) -> None:
         cfg = self.config
@@ -152,7 +163,7 @@ class TFMQDM(Quantizer):
         frozen = frozenset(tib.layers(ctx.layers()))
         rec = Reconstruction.prepare(ctx, self.name, cfg.samples, cfg.seed, frozen=frozen)
         with activations_off(ctx.layers()):
-            rec.report["temporal"] = temporal_reconstruction(ctx, rec.calib, cfg)
+            rec.report["temporal"] = temporal_reconstruction(ctx, rec.calib, cfg, cfg.tiar_timesteps)
         rec.weights(cfg)
         rec.report["finite_set"] = finite_set_calibration(ctx)
         rec.activations(act_training(cfg))

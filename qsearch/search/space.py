@@ -320,6 +320,10 @@ class Group:
         """Optuna parameter name of this group's ``field``."""
         return f"{field}:{self.key}"
 
+    def searches(self, field: str) -> bool:
+        """Whether ``field`` is a decision here: a single choice pins it (first/last layers at 8 bits)."""
+        return len(self.choices.get(field, ())) > 1
+
 
 def layer_groups(space: SearchSpace, layer_names: list[str]) -> list[Group]:
     """The searched groups of a model's layers (full-precision ``keep_fp`` layers excluded).
@@ -390,13 +394,15 @@ def build_recipe(space: SearchSpace, groups: list[Group], params: dict[str, Any]
 def default_params(space: SearchSpace, groups: list[Group], **fixed: Any) -> dict[str, Any]:
     """A configuration at the base recipe's values where they are choices, else the first choice.
 
-    ``fixed`` sets a field in every group (``w_bits=4``: the uniform 4-bit configuration).
+    ``fixed`` sets a field in every group that offers the value (``w_bits=4``: the uniform 4-bit
+    configuration; a group pinned at 8 bits stays at 8, as the papers' uniform baselines keep their
+    first and last layers).
     """
     quant = space.recipe().quant
     params: dict[str, Any] = {}
     for group in groups:
         for field, choices in group.choices.items():
-            if field in fixed:
+            if field in fixed and fixed[field] in choices:
                 params[group.param(field)] = fixed[field]
                 continue
             base_value = {"w_bits": quant.w_bits, "a_bits": quant.a_bits,

@@ -266,7 +266,7 @@ class TrialRunner:
         down: a local search around the sensitivity seeds, where random proposals rarely land (one
         group at the lowest bits is enough to break a model)."""
         rng = random.Random(f"{self.space.seed}-{target}")
-        keys = [g.param("w_bits") for g in self.groups if len(g.choices.get("w_bits", ())) > 1]
+        keys = [g.param("w_bits") for g in self.groups if g.searches("w_bits")]
         choices = {g.param("w_bits"): list(g.choices["w_bits"]) for g in self.groups if "w_bits" in g.choices}
         variants: list[dict[str, Any]] = []
         for _ in range(n if keys else 0):
@@ -279,13 +279,14 @@ class TrialRunner:
         return variants
 
     def _common_w_choices(self) -> list[int]:
-        """The weight-bit choices shared by every group that searches them (empty when none)."""
-        sets = [set(g.choices["w_bits"]) for g in self.groups if "w_bits" in g.choices]
+        """The weight-bit choices shared by every group that searches them (empty when none); groups
+        pinned to one width are not searching it."""
+        sets = [set(g.choices["w_bits"]) for g in self.groups if g.searches("w_bits")]
         return sorted(set.intersection(*sets) - {None}) if sets else []
 
     def _sensitivity_params(self, w_choices: list[int]) -> list[tuple[float, dict[str, Any]]]:
         """One configuration per target: groups' summed sensitivities through ``assign_bits``."""
-        searched = [g for g in self.groups if "w_bits" in g.choices]
+        searched = [g for g in self.groups if g.searches("w_bits")]
         if not searched or not w_choices:
             logger.warning("no weight-bit decisions: no sensitivity-seeded trials")
             return []
@@ -305,13 +306,20 @@ class TrialRunner:
         logger.info("layer sensitivity in %.1f s", time.perf_counter() - started)
         drop = {g.key: sum(layer_drop.get(n, 0.0) for n in g.layers) for g in searched}
         size = {g.key: sum(self.params[n] for n in g.layers) for g in searched}
+        base = default_params(self.space, self.groups)
+        # pinned groups keep their width: the searched ones share what is left of the target
+        pinned = [g for g in self.groups if "w_bits" in g.choices and not g.searches("w_bits")]
+        pinned_size = sum(self.params[n] for g in pinned for n in g.layers)
+        pinned_bits = sum(base[g.param("w_bits")] * self.params[n] for g in pinned for n in g.layers)
         out = []
         for target in seeds.sensitivity_targets:
-            if target < w_choices[0]:
-                logger.warning("sensitivity target %g is below the lowest choice %d: skipped", target, w_choices[0])
+            searched_target = (target * (sum(size.values()) + pinned_size) - pinned_bits) / sum(size.values())
+            if searched_target < w_choices[0]:
+                logger.warning("sensitivity target %g is below the lowest choice %d (with the pinned layers): "
+                               "skipped", target, w_choices[0])
                 continue
-            bits = assign_bits(drop, size, w_choices, target)
-            params = default_params(self.space, self.groups)
+            bits = assign_bits(drop, size, w_choices, searched_target)
+            params = dict(base)
             params.update({g.param("w_bits"): bits[g.key] for g in searched})
             out.append((target, params))
         return out

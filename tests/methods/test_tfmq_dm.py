@@ -61,6 +61,27 @@ def test_tiar_lowers_the_temporal_feature_error(mse_ctx) -> None:
     assert record["after"] < 0.7 * record["before"]
 
 
+def test_tiar_on_sampler_timesteps_fits_the_steps_the_calibration_set_lacks(tiny_model_dir) -> None:
+    """A calibration set at one timestep: TIAR on it leaves the other steps' temporal features worse than
+    TIAR on every sampler step (``tiar_timesteps: sampler``), measured over all the sampler's steps."""
+    errors = {}
+    for where in ("calibration", "sampler"):
+        recipe = parse_recipe(tiny_recipe(
+            tiny_model_dir("unet2d"), quant={"w_bits": 2, "a_bits": 8},
+            stages=[{"method": "uniform", "n_samples": 32}, {"method": "mse_clip"}],
+        ))
+        ctx = Session(recipe).quantize(recipe)
+        calib = ctx.calibration
+        one_step = type(calib)(x=calib.x, t=torch.full_like(calib.t, int(ctx.sampler.timesteps[0])), cond=calib.cond)
+        with activations_off(ctx.layers()):
+            temporal_reconstruction(ctx, one_step, BlockConfig(iters=200, lr=1e-2, batch_size=16), where)
+        t = ctx.sampler.timesteps
+        with torch.no_grad(), activations_off(ctx.layers()):
+            errors[where] = sum(float((f - g).pow(2).mean()) for f, g in
+                                zip(TemporalBlock.of(ctx.model)(t), TemporalBlock.of(ctx.fp_denoiser.model)(t)))
+    assert errors["sampler"] < 0.8 * errors["calibration"]
+
+
 def test_fsc_gives_each_temporal_layer_a_min_max_grid_per_timestep(mse_ctx) -> None:
     ctx = mse_ctx
     tib = TemporalBlock.of(ctx.model)

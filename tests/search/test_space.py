@@ -123,6 +123,9 @@ def test_default_params_are_the_base_values_where_possible():
     params = default_params(space, groups, w_bits=2)
     assert all(params[g.param("w_bits")] == 2 and params[g.param("a_bits")] == 8 for g in groups)
     assert params["knob:stages.0.n_samples"] == 8
+    pinned = parse_space(space_data(layers={"mid_block*": {"w_bits": [8]}, "*": {"w_bits": [2, 8]}}))
+    params = default_params(pinned, layer_groups(pinned, NAMES), w_bits=2)
+    assert params["w_bits:mid_block"] == 8 and params["w_bits:down_blocks.0"] == 2  # a pin is not overridden
 
 
 def test_schema_lists_the_fields_and_accepts_the_shipped_spaces():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
-from tests.search.synthetic import SyntheticEvaluator, space_data, true_front
+from tests.search.synthetic import PARAMS, SyntheticEvaluator, block, space_data, true_front
 
 from qsearch.search.space import parse_space
 from qsearch.search.study import (
@@ -100,6 +100,23 @@ def test_sensitivity_neighbours_are_one_or_two_choice_steps_from_their_seed(url)
     # reproducible: the same space enqueues the same neighbours
     _, again, _ = _run(data, url.replace("studies.db", "again.db"), 5)
     assert sorted(_block_bits(t) for t in again.trials) == sorted(_block_bits(t) for t in study.trials)
+
+
+def test_pinned_groups_keep_their_width_in_the_seeded_trials(url):
+    """A one-choice pattern pins its layers (the papers' 8-bit first/last layers): the uniform baselines
+    and the sensitivity seeds keep it, and the seeds' target counts its bits."""
+    data = space_data(layers={"mid_block*": {"w_bits": [8]}, "*": {"w_bits": [2, 4, 8]}},
+                      seed_trials={"uniform": True, "sensitivity_targets": [4.0], "sensitivity_neighbours": 3})
+    _, study, _ = _run(data, url, 8)
+    by_origin = {t.user_attrs[ORIGIN]: t for t in study.trials}
+    for b in (2, 4, 8):
+        assert _block_bits(by_origin[f"uniform-w{b}"]) == (b, 8, b)
+    seeded = [t for origin, t in by_origin.items() if origin.startswith("sensitivity-4")]
+    assert len(seeded) >= 2 and all(_block_bits(t)[1] == 8 for t in seeded)  # (duplicates are skipped)
+    per_block = dict(zip(("down_blocks.0", "mid_block", "up_blocks.0"), _block_bits(by_origin["sensitivity-4"])))
+    grouped = {n: p for n, p in PARAMS.items() if block(n) in per_block}
+    avg = sum(p * per_block[block(n)] for n, p in grouped.items()) / sum(grouped.values())
+    assert 3.0 < avg <= 4.0  # the pinned 8 bits are inside the target, not on top of it
 
 
 def test_multi_fidelity_prunes_only_dominated_trials(url):
