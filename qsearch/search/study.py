@@ -310,7 +310,8 @@ class TrialRunner:
         # pinned groups keep their width: the searched ones share what is left of the target
         pinned = [g for g in self.groups if "w_bits" in g.choices and not g.searches("w_bits")]
         pinned_size = sum(self.params[n] for g in pinned for n in g.layers)
-        pinned_bits = sum(base[g.param("w_bits")] * self.params[n] for g in pinned for n in g.layers)
+        pinned_bits = sum((base[g.param("w_bits")] or 16) * self.params[n]  # None: kept in 16-bit float
+                          for g in pinned for n in g.layers)
         out = []
         for target in seeds.sensitivity_targets:
             searched_target = (target * (sum(size.values()) + pinned_size) - pinned_bits) / sum(size.values())
