@@ -161,4 +161,3 @@ def activations_off(layers: Mapping[str, QuantMixin]) -> AbstractContextManager[
 def weights_off(layers: Mapping[str, QuantMixin]) -> AbstractContextManager[None]:
     """Full-precision weights in ``layers``, quantized activations kept (the error the activations cause)."""
     return _quantizers_removed(layers, "weight_quantizer")
-

@@ -307,11 +307,13 @@ class TrialRunner:
         drop = {g.key: sum(layer_drop.get(n, 0.0) for n in g.layers) for g in searched}
         size = {g.key: sum(self.params[n] for n in g.layers) for g in searched}
         base = default_params(self.space, self.groups)
-        # pinned groups keep their width: the searched ones share what is left of the target
-        pinned = [g for g in self.groups if "w_bits" in g.choices and not g.searches("w_bits")]
-        pinned_size = sum(self.params[n] for g in pinned for n in g.layers)
-        pinned_bits = sum((base[g.param("w_bits")] or 16) * self.params[n]  # None: kept in 16-bit float
-                          for g in pinned for n in g.layers)
+        # groups that do not search their width (pinned by one choice, or not a w_bits pattern) keep it:
+        # the searched ones share what is left of the target
+        plan = self.space.recipe().layer_plan()
+        fixed = {n: (base[g.param("w_bits")] if "w_bits" in g.choices else plan.spec_for(n).w_bits) or 16
+                 for g in self.groups if not g.searches("w_bits") for n in g.layers}  # None: 16-bit float
+        pinned_size = sum(self.params[n] for n in fixed)
+        pinned_bits = sum(bits * self.params[n] for n, bits in fixed.items())
         out = []
         for target in seeds.sensitivity_targets:
             searched_target = (target * (sum(size.values()) + pinned_size) - pinned_bits) / sum(size.values())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 from optuna.trial import TrialState
-from tests.search.synthetic import PARAMS, SyntheticEvaluator, block, space_data, true_front
+from tests.search.synthetic import PARAMS, SyntheticEvaluator, block, quality_of, size_of, space_data, true_front
 
 from qsearch.search.space import parse_space
 from qsearch.search.study import (
@@ -102,18 +102,24 @@ def test_sensitivity_neighbours_are_one_or_two_choice_steps_from_their_seed(url)
     assert sorted(_block_bits(t) for t in again.trials) == sorted(_block_bits(t) for t in study.trials)
 
 
-def test_pinned_groups_keep_their_width_in_the_seeded_trials(url):
-    """A one-choice pattern pins its layers (the papers' 8-bit first/last layers): the uniform baselines
-    and the sensitivity seeds keep it, and the seeds' target counts its bits."""
-    data = space_data(layers={"mid_block*": {"w_bits": [8]}, "*": {"w_bits": [2, 4, 8]}},
+@pytest.mark.parametrize("mid", [{"w_bits": [8]}, {"group_size": ["channel", 64]}], ids=["one-choice", "width-not-searched"])
+def test_pinned_groups_keep_their_width_in_the_seeded_trials(url, mid):
+    """A group that does not search its width (one choice: the papers' 8-bit first/last layers; or a
+    pattern without w_bits, at the base recipe's 8) keeps it in the uniform baselines and the
+    sensitivity seeds, and the seeds' target counts its bits."""
+    data = space_data(layers={"mid_block*": mid, "*": {"w_bits": [2, 4, 8]}},
                       seed_trials={"uniform": True, "sensitivity_targets": [4.0], "sensitivity_neighbours": 3})
     _, study, _ = _run(data, url, 8)
     by_origin = {t.user_attrs[ORIGIN]: t for t in study.trials}
+
+    def block_bits(t) -> tuple[int, int, int]:  # the mid block's width is the base's 8 where not a parameter
+        return tuple(t.params.get(f"w_bits:{b}", 8) for b in ("down_blocks.0", "mid_block", "up_blocks.0"))
+
     for b in (2, 4, 8):
-        assert _block_bits(by_origin[f"uniform-w{b}"]) == (b, 8, b)
+        assert block_bits(by_origin[f"uniform-w{b}"]) == (b, 8, b)
     seeded = [t for origin, t in by_origin.items() if origin.startswith("sensitivity-4")]
-    assert len(seeded) >= 2 and all(_block_bits(t)[1] == 8 for t in seeded)  # (duplicates are skipped)
-    per_block = dict(zip(("down_blocks.0", "mid_block", "up_blocks.0"), _block_bits(by_origin["sensitivity-4"])))
+    assert len(seeded) >= 2 and all(block_bits(t)[1] == 8 for t in seeded)  # (duplicates are skipped)
+    per_block = dict(zip(("down_blocks.0", "mid_block", "up_blocks.0"), block_bits(by_origin["sensitivity-4"])))
     grouped = {n: p for n, p in PARAMS.items() if block(n) in per_block}
     avg = sum(p * per_block[block(n)] for n, p in grouped.items()) / sum(grouped.values())
     assert 3.0 < avg <= 4.0  # the pinned 8 bits are inside the target, not on top of it
@@ -133,8 +139,6 @@ def test_multi_fidelity_prunes_only_dominated_trials(url):
         dominator = by_number[int(t.user_attrs[PRUNED_BY].rsplit(" ", 1)[1])]
         assert dominator.state == TrialState.COMPLETE
         # the pruned configuration really is dominated (the proxy's noise is below the margin)
-        from tests.search.synthetic import PARAMS, block, quality_of, size_of
-
         bits = {n: t.params[f"w_bits:{block(n)}"] for n in PARAMS if f"w_bits:{block(n)}" in t.params}
         assert quality_of(bits) > dominator.values[0] and round(quality_of(bits), 12) not in true
         assert size_of({**bits, "conv_in": 16, "conv_out": 16}) >= dominator.values[1]
