@@ -26,13 +26,23 @@ next step. Sampling then replays exactly these corrections. Calibration runs all
 trajectories in one batch (the coefficients of a step need every sample), after any correctors
 that come before this one in the recipe.
 
-What is missing / unverified (the paper's full text could not be consulted from this workplace;
-this implementation follows its abstract-level description -- NER with a convex closed-form
-per-timestep coefficient under a masked rQNSR loss, plus per-timestep IBC -- and a public
-reimplementation, segquant's ``TACSolver``): the exact loss normalisation, the mask rule, and the
-defaults ``l1 = 0.5``, ``l2 = 0.1``, ``mask_ratio = 1`` come from that reimplementation, not from
-the paper; the IBC correction is applied to the sampler's state (so to both the network input and
-the update), which is one reading of "input bias correction".
+What is verified, and what is not. An attempt to read the paper's body (the stored copy of
+https://arxiv.org/html/2407.03917v1, searched for the NER loss, its closed form, the rQNSR mask,
+the IBC formula, the calibration algorithm and the hyperparameters) reached only its front matter
+and abstract: no section, equation or table could be read, and no official code was found. From
+the abstract itself: the two causes of error accumulation (error propagation and exposure bias)
+and a correction applied dynamically, step by step, at negligible cost -- which the per-timestep
+``K_t`` and bias here follow (tested). Machine-written summaries of the paper (sciencestack,
+themoonlight; secondary, not the paper) add a channel-wise coefficient, a convex loss with a
+closed-form minimiser that masks a relative-distortion (rQNSR) term, and an input bias taken as a
+mini-batch mean per timestep; the code is consistent with them, but none of it is checked against
+the paper's equations. Unverified: the loss normalisation and the mask rule (both this module's
+own reading; the public reimplementation, segquant's ``TACSolver``, instead fits ``K`` without a
+mask, weights the ratio term by ``C*H*W`` against pixel sums, and masks where ``K`` is *applied*:
+``eps_q > threshold * mean |eps_q|``), the defaults ``l1 = 0.5``, ``l2 = 0.1``, ``mask_ratio = 1``
+(segquant's defaults, not the paper's), the paper's CIFAR-10/DDIM settings, and where the input
+bias is subtracted (here from the sampler's state, so from both the network input and the
+update, one reading of "input bias correction").
 
 Paper: Y. Yao, F. Tian, J. Chen, H. Lin, G. Dai, Y. Liu, J. Wang, "Timestep-Aware Correction for
 Quantized Diffusion Models", ECCV 2024 (arXiv:2407.03917). No official code was found; reference

@@ -27,6 +27,17 @@ class AffineDenoiser(Denoiser):
         return self.s * self.base.forward(x, t, cond) + self.o
 
 
+class TimestepScaledDenoiser(Denoiser):
+    """A stand-in whose error changes with the step: ``(1 + t / 1000) * eps``."""
+
+    def __init__(self, base: Denoiser) -> None:
+        super().__init__(base.model)
+        self.base = base
+
+    def forward(self, x, t, cond):
+        return (1 + t.float().view(-1, 1, 1, 1) / 1000) * self.base.forward(x, t, cond)
+
+
 @pytest.fixture(scope="module")
 def fp_ctx(tiny_model_dir):
     recipe = parse_recipe(tiny_recipe(
@@ -85,6 +96,16 @@ def test_ner_reconstructs_a_rescaled_estimate(fp_ctx) -> None:
     replay = session.sampler.sample_batch(quant, index, 10_000, correctors=[stage])[0]
     raw = session.sampler.sample_batch(quant, index, 10_000)[0]
     assert (replay - fp).abs().max() < 1e-3 < (raw - fp).abs().max()
+
+
+def test_ner_coefficient_is_solved_per_timestep(fp_ctx) -> None:
+    """Timestep-aware (abstract of arXiv:2407.03917): each step gets its own K_t, so an error that
+    changes with t is undone at every step; one K pooled over the trajectory would fail here."""
+    _, ctx = fp_ctx
+    stage = _stage(dataclasses.replace(ctx, denoiser=TimestepScaledDenoiser(ctx.fp_denoiser)), lambda_reg=0.0)
+    expected = 1 / (1 + torch.tensor(stage.timesteps, dtype=torch.float32) / 1000)
+    assert expected.max() - expected.min() > 0.1
+    assert torch.allclose(stage.scale, expected[:, None].expand_as(stage.scale), rtol=1e-4)
 
 
 def test_ibc_removes_the_mean_drift_of_the_inputs(fp_ctx) -> None:
