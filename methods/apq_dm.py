@@ -24,10 +24,14 @@ one. The weight of the entropy term and the learning rate of ``alpha`` are our c
 sources available to us do not give them). Zero points stay fixed, as in the other learned-step
 stages.
 
-Partial: APQ-DM's second part, the structural-risk-minimization selection of the timesteps at
-which calibration images are generated, is not implemented; use any calibration stage. Composite
-activation quantizers (``qdiff_split``'s two-part grids) keep their static grids. Weights keep the
-ranges of an earlier quantize stage, or get ``mse_clip``'s (``init``).
+Partial: composite activation quantizers (``qdiff_split``'s two-part grids) keep their static
+grids, and weights keep the ranges of an earlier quantize stage, or get ``mse_clip``'s (``init``).
+APQ-DM's second part, the structural-risk-minimization selection of the timesteps at which
+calibration images are generated, is the calibration sampler ``apq_dm_srm``
+(``methods/apq_dm_srm.py``): compose the two for the whole method (any other calibration stage also
+works). The authors interleave that selection with this search; here the calibration set is fixed
+before any quantizer runs, so ``apq_dm_srm`` drives its choice with a search of its own, and this
+stage searches afresh on the inputs it chose.
 
 Paper: C. Wang, Z. Wang, X. Xu, Y. Tang, J. Zhou, J. Lu, "Towards Accurate Post-training
 Quantization for Diffusion Models", CVPR 2024 (arXiv:2305.18723). Code:
