@@ -98,8 +98,7 @@ class GroupSearchActQuantizer(TimestepActQuantizer):
 
     def entropy(self) -> torch.Tensor:
         """Mean entropy of the importance weights of the timesteps seen so far."""
-        probs = torch.softmax(self.alpha, dim=-1)
-        h = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        h = importance_entropy(self.alpha)
         return (h * self.seen).sum() / self.seen.sum().clamp_min(1)
 
     @torch.no_grad()
@@ -115,6 +114,12 @@ class GroupSearchActQuantizer(TimestepActQuantizer):
         self.group_of.copy_(group[nearest])
         self.alpha = None
         del self.seen
+
+
+def importance_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the importance weights ``softmax(logits)`` over the groups (last axis)."""
+    p = torch.softmax(logits, dim=-1)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
 def contiguous_groups(k: int, groups: int) -> torch.Tensor:

@@ -79,17 +79,11 @@ from qsearch.registry import register
 from qsearch.sampling import Trajectory
 from qsearch.stages import CalibrationSampler, QuantContext, StageConfig
 
-from methods.apq_dm import contiguous_groups
+from methods.apq_dm import contiguous_groups, importance_entropy
 
 
 INITIAL_LOGIT = 0.01
 """The authors fill the importance logits with one constant, so every search starts uniform."""
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of ``softmax(logits)`` over the last axis."""
-    p = torch.softmax(logits, dim=-1)
-    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
 class SRMSelection:
@@ -147,7 +141,7 @@ class ImportanceSearch:
         """``U_t``: the importance entropy at each step summed over layers, each divided by ``G``."""
         total = torch.zeros(self.num_steps, dtype=torch.float64)
         for logits in self.logits.values():
-            total += entropy(logits.detach()).double().cpu() / self.groups
+            total += importance_entropy(logits.detach()).double().cpu() / self.groups
         return total
 
     def accumulate(self, name: str, step: int, x: torch.Tensor) -> None:
@@ -158,7 +152,7 @@ class ImportanceSearch:
             weights = torch.softmax(logits, dim=-1)
             mixed = sum(weights[g] * q.fake_quant(x, scale[g], zero[g]) for g in range(self.groups))
             error = (mixed - x).pow(2).mean() / x.pow(2).mean().clamp_min(1e-12)
-            loss = error + self.entropy_weight * entropy(logits) / self.groups ** 2
+            loss = error + self.entropy_weight * importance_entropy(logits) / self.groups ** 2
             loss.backward()
 
     def step(self) -> None:

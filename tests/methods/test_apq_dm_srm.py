@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_recipe
-from methods.apq_dm_srm import ImportanceSearch, SRMSelection, SRMTimestepSelection, entropy
+from methods.apq_dm_srm import ImportanceSearch, SRMSelection, SRMTimestepSelection
+from methods.apq_dm import importance_entropy
 from qsearch.engine import Session
 from qsearch.quant import QuantLinear, QuantSpec
 from qsearch.quant.quantizers import ActQuantizer
@@ -67,7 +68,7 @@ def test_search_decides_where_one_grid_fits_and_stays_uncertain_where_none_is_be
     assert probs[1, 0] > 0.5 and probs[2, 1] > 0.5  # each step leans to the grid that fits it
     u = search.uncertainty()
     assert u[3] == u0[3] and (u[:3] < u[3]).all()  # zeros quantize exactly on both grids: undecided
-    assert torch.allclose(u, entropy(search.logits["fc"].detach()).double() / 2)
+    assert torch.allclose(u, importance_entropy(search.logits["fc"].detach()).double() / 2)
 
 
 class _ToyDenoiser:
