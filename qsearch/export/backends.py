@@ -104,7 +104,9 @@ def kernel_for(layer: QuantMixin, kernel: str) -> str | None:
     if kernel == "torchao":
         reason = _plain_weight(layer, "int")
         if reason is None and layer.act_quantizer is not None:
-            reason = _plain_act(layer, "int", static_only=True)
+            # torchao's int8 x int8 GEMM is torch._int_mm only for aligned shapes; for others it
+            # copies both operands to the CPU and multiplies there (exact, but a sync per call)
+            reason = _plain_act(layer, "int", static_only=True) or _aligned(layer, 8)
         return reason
     raise ValueError(f"unknown kernel {kernel!r}")
 

@@ -220,7 +220,11 @@ class TorchaoInt8Linear(_KernelLinear):
     """W8A8 (static activation grid) or W8 weight-only ``Linear`` through torchao's ``Int8Tensor``.
 
     The torchao tensor is built from the exported codes and scales (not re-quantized by torchao),
-    and the static activation grid is handed over as torchao's static scale and zero point.
+    and the static activation grid is handed over as torchao's static scale and zero point
+    (``Int8Tensor`` of torchao 0.18: codes ``qx = clamp(round(x * (1 / sx)) + zx, -128, 127)``, the
+    rounding of the fused fake quantizer, then ``int_mm(qx, wi)`` with the zero point subtracted
+    in the epilogue). torchao computes that epilogue in the input's dtype: in bf16 the result
+    carries one bf16 rounding more than ``Int8MMLinear``'s fp32 epilogue.
     """
 
     @classmethod
@@ -259,5 +263,12 @@ class TorchaoInt8Linear(_KernelLinear):
         if self.pre is not None:
             x = self.pre(x)
         lead = x.shape[:-1]
-        y = F.linear(x.reshape(-1, x.shape[-1]), self.ao_weight)
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        if self.act_static and rows < _INT_MM_MIN_ROWS:
+            # torchao multiplies on torch._int_mm, which on CUDA needs more than 16 rows (with
+            # fewer, torchao catches its error and multiplies in float32 instead); zero rows are
+            # quantized on the static grid like any other and cut off again
+            x2 = F.pad(x2, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
+        y = F.linear(x2, self.ao_weight)[:rows]
         return self._finish(y, x, lead)

@@ -45,6 +45,7 @@ W8A8 = QuantSpec(w_bits=8, a_bits=8)
 W8A8_TOKEN = QuantSpec(w_bits=8, a_bits=8, a_dynamic=True, a_granularity="token")
 FP8 = QuantSpec(w_bits=8, w_format="fp", a_bits=8, a_format="fp")
 FP8_TOKEN = QuantSpec(w_bits=8, w_format="fp", a_bits=8, a_format="fp", a_dynamic=True, a_granularity="token")
+NO_TORCHAO = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,8 @@ def test_kernel_layer_computes_the_fake_quantized_layer(spec, backend, kernel_cl
     assert torch.equal(kernel.weight, layer.quantized_weight())
 
 
-@pytest.mark.parametrize(("spec", "backend"), [(W8A8, "int_mm"), (FP8, "scaled_mm")])
+@pytest.mark.parametrize(("spec", "backend"), [(W8A8, "int_mm"), (FP8, "scaled_mm"),
+                                               pytest.param(W8A8, "torchao", marks=NO_TORCHAO)])
 def test_kernels_handle_a_single_row(spec, backend) -> None:
     """One token (a timestep embedding at batch 1): _int_mm needs > 16 rows, _scaled_mm real scales."""
     layer = _layer(spec)
@@ -79,7 +81,9 @@ def test_kernels_handle_a_single_row(spec, backend) -> None:
 @pytest.mark.parametrize(
     ("spec", "backend", "dequantize"),
     [(W8A8, "fake", "load"), (W8A8_TOKEN, "fake", "load"), (W8A8, "fake", "on_the_fly"),
-     (W8A8, "int_mm", "load"), (W8A8_TOKEN, "int_mm", "load"), (FP8_TOKEN, "scaled_mm", "load")],
+     (W8A8, "int_mm", "load"), (W8A8_TOKEN, "int_mm", "load"), (FP8_TOKEN, "scaled_mm", "load"),
+     pytest.param(W8A8, "torchao", "load", marks=NO_TORCHAO),
+     pytest.param(QuantSpec(w_bits=8, a_bits=None), "torchao", "load", marks=NO_TORCHAO)],
 )
 def test_layers_compile_into_one_graph(spec, backend, dequantize) -> None:
     """``torch.compile`` fuses the activation quantization with the GEMM only if nothing breaks the
@@ -138,7 +142,7 @@ def test_dequantizing_on_the_fly_holds_packed_codes_only() -> None:
     assert torch.equal(packed(x), expected)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+@NO_TORCHAO
 @pytest.mark.parametrize("spec", [W8A8, QuantSpec(w_bits=8, a_bits=None)])
 def test_torchao_layer_computes_the_fake_quantized_layer(spec) -> None:
     layer = _layer(spec)
@@ -149,8 +153,15 @@ def test_torchao_layer_computes_the_fake_quantized_layer(spec) -> None:
     torch.testing.assert_close(kernel(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_torchao_refuses_dynamic_ranges() -> None:
-    layer = _layer(W8A8_TOKEN)
-    with pytest.warns(BackendFallbackWarning, match="torchao"):
+@pytest.mark.parametrize(
+    ("spec", "out_features", "reason"),
+    [(W8A8_TOKEN, 48, "torchao"),
+     pytest.param(W8A8_TOKEN, 48, "torchao: dynamic activation ranges", marks=NO_TORCHAO),
+     pytest.param(W8A8, 12, "torchao: shape 12x64 not a multiple of 8", marks=NO_TORCHAO)],
+)
+def test_torchao_refuses_dynamic_ranges(spec, out_features, reason) -> None:
+    """Per-token ranges torchao would compute differently; an int8 GEMM torchao would run on the CPU."""
+    layer = _layer(spec, out_features=out_features)
+    with pytest.warns(BackendFallbackWarning, match=reason):
         _, used = _convert(layer, "torchao")
     assert used == {"layer": "fake"}
