@@ -14,7 +14,8 @@ with the file and the field path). It names
   ``stages.1.alpha: [0.3, 0.5]``), i.e. the choice of a stage or of a stage's parameter;
 * ``constraints`` (``max_avg_weight_bits``, ``max_model_mb``), the two minimized ``objectives``
   (quality: FID or the MSE to the FP samples; size: average weight bits or model MB), the Optuna
-  ``sampler`` and ``seed``, the multi-fidelity settings and the trials enqueued first.
+  ``sampler`` (with ``sampler_options``, its own keyword arguments) and ``seed``, the multi-fidelity
+  settings and the trials enqueued first.
 
 Why decisions are built from the model at study time and not listed in the file: the file stays
 short and model-independent in its patterns, and the same decision names come out in every process
@@ -151,6 +152,10 @@ class SearchSpace(BaseModel):
     objectives: Objectives = Field(default_factory=Objectives)
     sampler: Literal["nsga2", "nsga3", "tpe", "random", "gp"] = "nsga2"
     population_size: int = Field(20, ge=2, description="NSGA-II/III generation size")
+    sampler_options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict,
+        description="further keyword arguments of the Optuna sampler, e.g. {crossover_prob: 0.2} for nsga2",
+    )
     seed: int = Field(0, description="sampler seed; trial k is quantized with seed + k")
     trials: int = Field(100, ge=1, description="finished trials the study runs to")
     fidelity: MultiFidelity = Field(default_factory=MultiFidelity)
@@ -162,6 +167,9 @@ class SearchSpace(BaseModel):
     def _check(self) -> "SearchSpace":
         if not self.layers and not self.knobs:
             raise ValueError("nothing to search: give `layers` and/or `knobs`")
+        from qsearch.search.samplers import check_sampler_options
+
+        check_sampler_options(self.sampler, self.sampler_options)
         for path, choices in self.knobs.items():
             if not choices:
                 raise ValueError(f"knobs.{path}: give at least one choice")

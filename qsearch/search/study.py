@@ -54,6 +54,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from qsearch.recipe import parse_recipe
 from qsearch.search.evaluate import Evaluator, SessionEvaluator, session_for
+from qsearch.search import samplers
 from qsearch.search.pareto import hypervolume, reference_point
 from qsearch.search.space import (
     Group,
@@ -85,17 +86,9 @@ MAX_CONSECUTIVE_FAILURES = 5  # with nothing complete yet: the space itself is b
 
 
 def make_sampler(space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The space's Optuna sampler, seeded with ``space.seed``."""
-    name, seed = space.sampler, space.seed
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=space.population_size, seed=seed)
-    if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(population_size=space.population_size, seed=seed)
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
+    """The space's Optuna sampler, seeded with ``space.seed``, with its ``sampler_options``."""
+    return samplers.make_sampler(space.sampler, seed=space.seed, population_size=space.population_size,
+                                 options=space.sampler_options)
 
 
 def rdb_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None) -> RDBStorage:
