@@ -130,6 +130,10 @@ class SeedTrials(BaseModel):
     sensitivity_neighbours: int = Field(
         0, ge=0, description="per sensitivity assignment, variants with 1-2 groups one bit choice off"
     )
+    descent_rounds: int = Field(
+        0, ge=0, description="per sensitivity target, rounds of one-step-down moves from the front point "
+        "nearest above it (a greedy local search under the budget; 0: off)",
+    )
 
 
 class SearchSpace(BaseModel):

@@ -31,7 +31,10 @@ The first trials are enqueued once per study (by whichever process claims it in 
 uniform configurations (every group at each weight-bit choice: the baselines the front must
 dominate; always fully evaluated even when over budget) and, for each ``seed_trials.
 sensitivity_targets`` average, a BitsFusion-style assignment from per-layer sensitivities
-(``methods.bitsfusion.layer_sensitivity`` / ``assign_bits``, with groups as the units).
+(``methods.bitsfusion.layer_sensitivity`` / ``assign_bits``, with groups as the units). With
+``seed_trials.descent_rounds``, whenever the queue is empty the front point nearest above each
+target is moved one weight-bit choice down per group (``TrialRunner.descend``) before the sampler
+proposes anything more.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ SEED = "qsearch:seed"
 PROXY = "qsearch:proxy"  # the proxy metric's value
 PRUNED_BY = "qsearch:pruned"  # "infeasible" or "proxy-dominated by trial N"
 ERROR = "qsearch:error"
+DESCENT_FROM = "qsearch:descent_from"  # the front trial a descent move started from
 RETRY_OF = "qsearch:retry_of"  # an interrupted trial re-enqueued
 SURPLUS = "qsearch:surplus"  # asked after the study was already full (a race between workers)
 BASELINE_PREFIX = "uniform-"
@@ -270,6 +274,58 @@ class TrialRunner:
                 variant[key] = choices[key][rng.choice(steps)]
             variants.append(variant)
         return variants
+
+    def descend(self) -> int:
+        """Enqueue one-step-down moves that land at or under each sensitivity target; returns how many.
+
+        Every front point the seeded trials find is a local move from a seed (BENCHMARKS, issue 6),
+        and the sampler's proposals rarely are. So, while rounds are left, the front points above a
+        target (in average weight bits) are tried nearest first, each moved one weight-bit choice
+        down in one group at a time; the first whose moves include new ones at or under the target
+        gives this round's moves. A front point no single move brings under the target gives none:
+        this refines the front near the budget, it does not walk down from far above it. Queued
+        trials are fully evaluated, like the seeds.
+        """
+        seeds = self.space.seed_trials
+        if not seeds.descent_rounds or not seeds.sensitivity_targets:
+            return 0
+        trials = self.study.get_trials(deepcopy=False)
+        existing = {canonical_json(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
+        origins = [str(t.user_attrs.get(ORIGIN, "")) for t in trials]
+        front = [(self._avg_bits(t.params), t) for t in self.study.best_trials if _feasible(t)]
+        added = 0
+        for target in seeds.sensitivity_targets:
+            prefix = f"descent-{target:g}-r"
+            done = max((int(o[len(prefix):]) for o in origins if o.startswith(prefix)), default=0)
+            if done >= seeds.descent_rounds:
+                continue
+            for _, source in sorted((pair for pair in front if pair[0] > target), key=lambda pair: pair[0]):
+                moves = [m for m in self._moves_down(source.params)
+                         if canonical_json(m) not in existing and self._avg_bits(m) <= target]
+                for move in moves:
+                    existing.add(canonical_json(move))
+                    self.study.enqueue_trial(move, user_attrs={ORIGIN: f"{prefix}{done + 1}",
+                                                               DESCENT_FROM: source.number})
+                added += len(moves)
+                if moves:
+                    break
+        return added
+
+    def _moves_down(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """``params`` with one group's weight bits one choice lower, for each group that can go lower."""
+        moves = []
+        for g in self.groups:
+            if not g.searches("w_bits"):
+                continue
+            key = g.param("w_bits")
+            lower = [b for b in g.choices["w_bits"] if b is not None and (params[key] is None or b < params[key])]
+            if lower:
+                moves.append({**params, key: max(lower)})
+        return moves
+
+    def _avg_bits(self, params: dict[str, Any]) -> float:
+        recipe = parse_recipe(build_recipe(self.space, self.groups, params), "descent move")
+        return float(self.evaluator.size(recipe)["avg_weight_bits"])
 
     def _common_w_choices(self) -> list[int]:
         """The weight-bit choices shared by every group that searches them (empty when none); groups
@@ -533,6 +589,8 @@ def run_trials(
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if finished + running >= n_trials:
             break
+        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            runner.descend()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = study.ask()

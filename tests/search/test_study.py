@@ -301,3 +301,32 @@ def test_a_trial_declared_dead_while_it_runs_does_not_stop_its_worker(url):
     run_trials(space, study, 3, evaluator=_DeclaredDeadMidway(study))
     states = [t.state for t in study.trials]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 2
+
+
+def test_descent_moves_one_group_down_from_the_front_point_above_the_target(url):
+    """Greedy local search under the budget: from a front point above 4 bits, one group one choice
+    down, only the moves that land at or under 4 bits; it reaches the best configuration there."""
+    target = 4.0
+    data = space_data(seed_trials={"uniform": True, "sensitivity_targets": [target], "descent_rounds": 3},
+                      trials=12)
+    _, study, _ = _run(data, url, 12)
+    by_number = {t.number: t for t in study.trials}
+    descents = [t for t in study.trials if str(t.user_attrs[ORIGIN]).startswith(f"descent-{target:g}-r")]
+    assert descents
+    choices = [2, 4, 8]
+    for t in descents:
+        source = by_number[t.user_attrs["qsearch:descent_from"]]
+        moved = [(a, b) for a, b in zip(_block_bits(source), _block_bits(t)) if a != b]
+        assert len(moved) == 1 and choices.index(moved[0][0]) - choices.index(moved[0][1]) == 1
+        assert source.values[1] > target >= t.values[1]  # from above the budget to under it
+    best_q = min(q for q, s, _ in true_front(target))
+    under = [t for t in study.trials if t.state == TrialState.COMPLETE and t.values[1] <= target]
+    winner = min(under, key=lambda t: t.values[0])
+    assert winner.values[0] == pytest.approx(best_q)
+    assert winner.user_attrs[ORIGIN] != "sampler"  # found by the seeds and their descent
+
+
+def test_no_descent_without_rounds(url):
+    data = space_data(seed_trials={"uniform": True, "sensitivity_targets": [4.0]}, trials=12)
+    _, study, _ = _run(data, url, 12)
+    assert not any(str(t.user_attrs[ORIGIN]).startswith("descent") for t in study.trials)
