@@ -236,6 +236,7 @@ class TrialRunner:
         self.groups: list[Group] = layer_groups(space, list(self.params))
         self.choices = distributions(space, self.groups)
         self.last_error = ""
+        self._avg_bits_of: dict[str, float] = {}
 
     # seeding ----------------------------------------------------------------------------------
     def seed_queue(self) -> None:
@@ -324,8 +325,13 @@ class TrialRunner:
         return moves
 
     def _avg_bits(self, params: dict[str, Any]) -> float:
-        recipe = parse_recipe(build_recipe(self.space, self.groups, params), "descent move")
-        return float(self.evaluator.size(recipe)["avg_weight_bits"])
+        """Average weight bits of a configuration, computed once (``descend`` runs before every
+        sampled trial and asks again for the same front points and moves)."""
+        key = canonical_json(params)
+        if key not in self._avg_bits_of:
+            recipe = parse_recipe(build_recipe(self.space, self.groups, params), "descent move")
+            self._avg_bits_of[key] = float(self.evaluator.size(recipe)["avg_weight_bits"])
+        return self._avg_bits_of[key]
 
     def _common_w_choices(self) -> list[int]:
         """The weight-bit choices shared by every group that searches them (empty when none); groups
