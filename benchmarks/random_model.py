@@ -31,7 +31,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "sample_size": 32, "upcast_attention": False,
         },
         "scheduler": {
-            "class": "KarrasDiffusionSchedulers", "diffusers_class": "DDIMScheduler",
+            "class": "DDIMScheduler",
             "config": {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                        "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": True,
                        "steps_offset": 0, "prediction_type": "epsilon"},
@@ -54,7 +54,7 @@ def write_random_model(name: str, out: Path, overrides: dict[str, Any] | None = 
     torch.manual_seed(seed)
     model = getattr(diffusers, arch["class"])(**config)
     model.save_pretrained(out / "transformer")
-    scheduler = getattr(diffusers, arch["scheduler"]["diffusers_class"])(**arch["scheduler"]["config"])
+    scheduler = getattr(diffusers, arch["scheduler"]["class"])(**arch["scheduler"]["config"])
     scheduler.save_pretrained(out / "scheduler")
     return out
 

@@ -36,6 +36,11 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn value; the E4M3 grid of qsearch 
 _INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
 
 
+def _int_mm_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with zero rows appended up to the rows ``torch._int_mm`` needs (cut off again after)."""
+    return F.pad(t, (0, 0, 0, _INT_MM_MIN_ROWS - t.shape[0])) if t.shape[0] < _INT_MM_MIN_ROWS else t
+
+
 def _rebind(cls: type, layer: QuantMixin) -> nn.Module:
     """A ``cls`` instance sharing ``layer``'s state, its ``weight`` parameter dropped."""
     new = cls.__new__(cls)
@@ -159,9 +164,7 @@ class Int8MMLinear(_KernelLinear):
         # the integers involved (a static scale is a 0-dim fp32 tensor: x keeps its dtype)
         xi = torch.round(x2 / scale).add_(zero_point - 128).clamp_(-128, 127).to(torch.int8)
         rows = xi.shape[0]
-        if rows < _INT_MM_MIN_ROWS:
-            xi = F.pad(xi, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
-        acc = torch._int_mm(xi, self.w_int8.t())[:rows]
+        acc = torch._int_mm(_int_mm_rows(xi), self.w_int8.t())[:rows]
         correction = (128 - zero_point) * self.w_colsum.view(torch.float32)
         y = torch.add(acc, correction).mul_(scale * self.w_scale_bits.view(torch.float32))
         return self._finish(y, x, lead)
@@ -265,10 +268,9 @@ class TorchaoInt8Linear(_KernelLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        if self.act_static and rows < _INT_MM_MIN_ROWS:
-            # torchao multiplies on torch._int_mm, which on CUDA needs more than 16 rows (with
-            # fewer, torchao catches its error and multiplies in float32 instead); zero rows are
-            # quantized on the static grid like any other and cut off again
-            x2 = F.pad(x2, (0, 0, 0, _INT_MM_MIN_ROWS - rows))
+        if self.act_static:
+            # torchao multiplies on torch._int_mm (with too few rows it catches the error and
+            # multiplies in float32 instead); zero rows are quantized on the static grid like any other
+            x2 = _int_mm_rows(x2)
         y = F.linear(x2, self.ao_weight)[:rows]
         return self._finish(y, x, lead)

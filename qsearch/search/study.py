@@ -32,9 +32,9 @@ uniform configurations (every group at each weight-bit choice: the baselines the
 dominate; always fully evaluated even when over budget) and, for each ``seed_trials.
 sensitivity_targets`` average, a BitsFusion-style assignment from per-layer sensitivities
 (``methods.bitsfusion.layer_sensitivity`` / ``assign_bits``, with groups as the units). With
-``seed_trials.descent_rounds``, whenever the queue is empty the front point nearest above each
-target is moved one weight-bit choice down per group (``TrialRunner.descend``) before the sampler
-proposes anything more.
+``seed_trials.descent_rounds``, whenever the queue is empty, one-step-down moves of the front
+points just above each target that land at or under it are queued (``TrialRunner.descend``) before
+the sampler proposes anything more.
 """
 
 from __future__ import annotations
@@ -291,15 +291,20 @@ class TrialRunner:
         if not seeds.descent_rounds or not seeds.sensitivity_targets:
             return 0
         trials = self.study.get_trials(deepcopy=False)
-        existing = {canonical_json(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
         origins = [str(t.user_attrs.get(ORIGIN, "")) for t in trials]
-        front = [(self._avg_bits(t.params), t) for t in self.study.best_trials if _feasible(t)]
-        added = 0
+        rounds_done = {}
         for target in seeds.sensitivity_targets:
             prefix = f"descent-{target:g}-r"
             done = max((int(o[len(prefix):]) for o in origins if o.startswith(prefix)), default=0)
-            if done >= seeds.descent_rounds:
-                continue
+            if done < seeds.descent_rounds:
+                rounds_done[target] = done
+        if not rounds_done:  # the usual case once the rounds are spent: nothing more to compute
+            return 0
+        existing = {canonical_json(t.params or t.system_attrs.get("fixed_params", {})) for t in trials}
+        front = [(self._avg_bits(t.params), t) for t in self.study.best_trials if _feasible(t)]
+        added = 0
+        for target, done in rounds_done.items():
+            prefix = f"descent-{target:g}-r"
             for _, source in sorted((pair for pair in front if pair[0] > target), key=lambda pair: pair[0]):
                 moves = [m for m in self._moves_down(source.params)
                          if canonical_json(m) not in existing and self._avg_bits(m) <= target]
@@ -595,7 +600,7 @@ def run_trials(
         running = sum(t.state == TrialState.RUNNING for t in trials)
         if finished + running >= n_trials:
             break
-        if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if not any(t.state == TrialState.WAITING for t in all_trials):
             runner.descend()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
