@@ -7,6 +7,10 @@ once per distinct spec with *every* layer at that spec, keeps the quantized mode
 trial by taking every layer from the uniform model of its own spec: the first trial that uses a spec
 pays one calibration, every later trial only a model copy.
 
+Layers whose spec every configuration shares (``library_pinned``: the first and last layers a search
+space pins at 8 bits) stay at that spec in every entry and are taken from the trial's base entry, so
+the uniform W4 trial of a pinned study is the W4 recipe with those overrides, calibrated as such.
+
 The approximation is the usual one of per-layer mixed-precision methods (HAWQ's and BitsFusion's
 per-layer independence): a layer's rounding and activation ranges were learned with the layers
 before it at *its* spec, not at the trial's mix. Layers a trial keeps in full precision are copied
@@ -17,6 +21,7 @@ they correct, which the assembled model is not. Each entry holds one quantized m
 from __future__ import annotations
 
 import copy
+import fnmatch
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -32,9 +37,12 @@ if TYPE_CHECKING:
 
 
 def uniform_recipe(recipe: RecipeBase, spec: QuantSpec) -> RecipeBase:
-    """``recipe`` with every layer at ``spec`` (its overrides dropped, its ``keep_fp`` kept)."""
+    """``recipe`` with every layer at ``spec`` but the pinned ones (other overrides dropped, ``keep_fp`` kept)."""
     data = recipe.model_dump(mode="json", exclude={"overrides"})
     data["quant"] = spec.model_dump(mode="json")
+    # a pinned override resolved against the recipe's default, not the entry's: the same spec in every entry
+    default, overrides = recipe.quant.model_dump(mode="json"), recipe.layer_plan().overrides
+    data["overrides"] = {p: {**default, **overrides[p]} for p in recipe.library_pinned}
     data["layer_library"] = False
     return parse_recipe(data, source=f"{recipe.name or 'recipe'} (uniform library entry)")
 
@@ -69,7 +77,11 @@ class LayerLibrary:
         return self._entries[key]
 
     def quantize(self, recipe: RecipeBase) -> QuantContext:
-        """The trial's model: each quantized layer copied from the uniform entry of its own spec."""
+        """The trial's model: each quantized layer copied from the uniform entry of its own spec.
+
+        Pinned layers come from the base entry (the spec most layers use): they were calibrated
+        there with the rest of the model at that spec, as in the uniform recipe.
+        """
         if any(stage.kind == "correct" for stage in stage_instances(recipe)):
             raise ValueError(
                 "the layer library cannot assemble error correctors (they measure the error of the model "
@@ -78,9 +90,10 @@ class LayerLibrary:
         started = time.perf_counter()
         fp_model = self.session.loaded.denoiser
         specs = recipe.layer_plan().resolve(fp_model)
-        quantized = {name: spec for name, spec in specs.items() if spec != FULL_PRECISION}
+        pinned = {name for name in specs if _pinned_pattern(recipe, name)}
+        quantized = {name: spec for name, spec in specs.items() if spec != FULL_PRECISION and name not in pinned}
         if not quantized:
-            raise ValueError("the layer library needs at least one quantized layer")
+            raise ValueError("the layer library needs at least one quantized layer that is not pinned")
         builds_before = self.builds
         # one library lookup per distinct spec, not per layer
         keys = {name: spec.model_dump_json() for name, spec in quantized.items()}
@@ -91,7 +104,7 @@ class LayerLibrary:
         base = by_spec[Counter(keys.values()).most_common(1)[0][0]]
         model = copy.deepcopy(base.model)
         for name in specs:
-            source = entries[name].model if name in entries else fp_model
+            source = base.model if name in pinned else entries[name].model if name in entries else fp_model
             if source is not base.model:
                 model.set_submodule(name, copy.deepcopy(source.get_submodule(name)).to(base.device))
         ctx = QuantContext(
@@ -103,6 +116,12 @@ class LayerLibrary:
         ctx.state["stage_seconds"] = {"layer_library": seconds}
         ctx.model.eval().requires_grad_(False)
         return ctx
+
+
+def _pinned_pattern(recipe: RecipeBase, name: str) -> bool:
+    """Whether the override that decides ``name``'s spec (the first match) is pinned."""
+    pattern = next((p for p in recipe.overrides if fnmatch.fnmatchcase(name, p)), None)
+    return pattern is not None and pattern in recipe.library_pinned
 
 
 __all__ = ["LayerLibrary", "library_key", "uniform_recipe"]

@@ -77,6 +77,12 @@ class RecipeBase(BaseModel):
         "uniform model (qsearch.library): calibrated mixed precision at the cost of a model copy per "
         "configuration of a session; no error correctors",
     )
+    library_pinned: list[str] = Field(
+        default_factory=list,
+        description="overrides keys whose spec every configuration shares (a search space's pinned first "
+        "and last layers): each layer-library entry keeps them, so that the uniform entry is calibrated "
+        "exactly as the recipe with those overrides would be; the search fills this",
+    )
     calibration_pool: CalibrationPool = Field(default_factory=CalibrationPool)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -101,6 +107,9 @@ class RecipeBase(BaseModel):
                 )
         if kinds.count("calibration") > 1:
             raise ValueError("a recipe has at most one calibration stage")
+        unknown = [p for p in self.library_pinned if p not in self.overrides]
+        if unknown:
+            raise ValueError(f"library_pinned: {', '.join(unknown)} are not keys of overrides")
         for pattern, override in self.layer_plan().overrides.items():
             try:
                 QuantSpec(**{**self.quant.model_dump(), **override})

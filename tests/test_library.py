@@ -81,6 +81,29 @@ def test_full_precision_layers_are_copied_from_the_fp_model(mixed, tiny_model_di
     assert torch.equal(ctx.model.conv_in.weight, session.loaded.denoiser.conv_in.weight)
 
 
+def test_pinned_layers_make_the_uniform_trial_the_recipe_itself(tiny_model_dir) -> None:
+    """A study pins conv_in at 8 bits: its uniform W4 trial is the W4 recipe with conv_in at 8, calibrated so."""
+    pins = {"overrides": {"conv_in": {"w_bits": 8}}, "library_pinned": ["conv_in"]}
+    session = Session(_recipe(tiny_model_dir("unet2d")))
+    ctx = session.quantize(_recipe(tiny_model_dir("unet2d"), **pins))
+    assert session.library.builds == 1  # no W8 entry for the pinned layer
+    recipe = _recipe(tiny_model_dir("unet2d"), **pins, layer_library=False)
+    standalone = Session(recipe).quantize(recipe)
+    assert ctx.layers()["conv_in"].weight_quantizer.bits == 8
+    for name, layer in standalone.layers().items():
+        assert _same_layer(layer, ctx.model.get_submodule(name)), name
+    # a mixed trial takes the pinned layer from its base entry, not from a W8 calibration
+    mixed = session.quantize(_recipe(tiny_model_dir("unet2d"), overrides={
+        "conv_in": {"w_bits": 8}, "down_blocks.0.*": {"w_bits": 2}}, library_pinned=["conv_in"]))
+    assert session.library.builds == 2
+    assert _same_layer(mixed.model.conv_in, ctx.model.conv_in)
+
+
+def test_pins_must_be_overrides(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match="library_pinned: conv_in"):
+        _recipe(tiny_model_dir("unet2d"), library_pinned=["conv_in"])
+
+
 def test_error_correctors_are_refused(tiny_model_dir) -> None:
     recipe = _recipe(tiny_model_dir("unet2d"), stages=[*BRECQ, {"method": "ptqd"}])
     with pytest.raises(ValueError, match="error correctors"):

@@ -381,13 +381,15 @@ def build_recipe(space: SearchSpace, groups: list[Group], params: dict[str, Any]
     """The complete recipe dict of one configuration (``parse_recipe`` accepts it).
 
     Searched layers get exact-name overrides placed before the base recipe's own, carrying the
-    fields of the base override that matched them (an override replaces, it does not stack).
+    fields of the base override that matched them (an override replaces, it does not stack). With
+    the layer library, the layers of groups that search nothing are ``library_pinned``.
     """
     data = copy.deepcopy(space.base)
     for path, choices in space.knobs.items():
         set_path(data, path, params.get(f"knob:{path}", choices[0]))
     base_overrides: dict[str, dict[str, Any]] = dict(data.get("overrides") or {})
     overrides: dict[str, dict[str, Any]] = {}
+    pinned: list[str] = []
     for group in groups:
         fields: dict[str, Any] = {}
         for field in group.choices:
@@ -395,10 +397,14 @@ def build_recipe(space: SearchSpace, groups: list[Group], params: dict[str, Any]
         for layer in group.layers:
             inherited = next((dict(v) for p, v in base_overrides.items() if fnmatch.fnmatchcase(layer, p)), {})
             overrides[glob.escape(layer)] = {**inherited, **fields}
+        if not any(group.searches(field) for field in group.choices):
+            pinned += [glob.escape(layer) for layer in group.layers]
     for pattern, fields in base_overrides.items():
         overrides.setdefault(pattern, fields)
     if overrides:
         data["overrides"] = overrides
+    if pinned and data.get("layer_library"):
+        data["library_pinned"] = [*data.get("library_pinned", []), *pinned]
     data["name"] = data.get("name") or space.name
     return data
 

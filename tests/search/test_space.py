@@ -116,6 +116,16 @@ def test_configuration_recipe_gives_each_layer_its_choice():
     assert all(again.spec_for(n) == plan.spec_for(n) for n in NAMES)
 
 
+def test_the_layer_library_keeps_the_pinned_groups_in_every_entry():
+    layers = {"mid_block*": {"w_bits": [8], "group_size": ["channel"]}, "*": {"w_bits": [2, 8]}}
+    for library in (True, False):
+        space = parse_space(space_data(base={**base_recipe(), "layer_library": library}, layers=layers))
+        groups = layer_groups(space, NAMES)
+        recipe = parse_recipe(build_recipe(space, groups, default_params(space, groups, w_bits=2)))
+        mid = sorted(n for n in NAMES if n.startswith("mid_block"))
+        assert sorted(recipe.library_pinned) == (mid if library else [])  # searched groups are never pinned
+
+
 def test_default_params_are_the_base_values_where_possible():
     space = parse_space(space_data(layers={"*": {"w_bits": [2, 8], "a_bits": [None, 8]}},
                                    knobs={"stages.0.n_samples": [4, 8]}))
