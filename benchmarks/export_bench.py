@@ -170,13 +170,13 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
     fp16_file = workdir / f"{Path(ref).name}-fp16.safetensors"
     save_file({k: v.detach().half().contiguous().cpu() for k, v in fp_model.state_dict().items()}, str(fp16_file))
     fp16_disk = fp16_file.stat().st_size
-    base: dict[str, Any] = {"model": ref, "device": str(device), "steps": args.steps}
+    base: dict[str, Any] = {"model": ref, "device": str(device), "steps": args.steps, "compile": args.compile}
     rows: list[dict[str, Any]] = []
 
     def record(name: str, backend: str, model: torch.nn.Module, memory: int, disk: int, dtype: torch.dtype,
                extra: dict[str, Any]) -> None:
         if args.compile:
-            model.forward = torch.compile(model.forward, dynamic=False)  # one graph per batch size
+            model.forward = torch.compile(model.forward, dynamic=False, mode=args.compile)  # one graph per batch size
         for batch in args.batch_sizes:
             seconds = sampling_time(model, session, batch, dtype, device, args.repeats, timer)
             row = {**base, "config": name, "backend": backend, "batch": batch, "seconds": seconds,
@@ -270,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="quantized configurations to measure (FP16/BF16 always run)")
     parser.add_argument("--backends", nargs="+", help="only these load backends (default: all of each config)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile every measured model (whole-model fusion; adds ~1 min per model)")
+    parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile every measured model (whole-model fusion; adds ~1 min per model); "
+                        "max-autotune lets inductor pick Triton GEMM templates for _int_mm/_scaled_mm, into "
+                        "which it can fuse the activation quantization and the dequantizing epilogue")
     parser.add_argument("--workdir", type=Path, help="where the exported folders go (default: a temp dir)")
     args = parser.parse_args(argv)
     quiet_libraries()
