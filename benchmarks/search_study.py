@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FP: {fp_metrics.get(space.objectives.quality)}", file=sys.stderr, flush=True)
 
     study = open_study(space, storage)
+    finished_before = study_status(study, space.trials).finished  # a resumed study's earlier trials
     study_started = time.perf_counter()
     deadline = None if args.max_minutes is None else started + 60 * args.max_minutes
 
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         "full_evaluations": status.complete,
         "full_evaluations_saved": status.full_evaluations_saved,
         "seconds": {"model_load": load_seconds, "study": study_seconds, "total": time.perf_counter() - started},
-        "trials_per_hour": status.finished / study_seconds * 3600 if study_seconds else None,
+        "trials_this_run": status.finished - finished_before,
+        # this process's trials over this process's time: a resumed study's earlier runs are not timed here
+        "trials_per_hour": (status.finished - finished_before) / study_seconds * 3600 if study_seconds else None,
         "measured_trials": len(timings),
         "hypervolume": front_history(storage, space.name),
         "audit": audit_result,
