@@ -21,7 +21,6 @@ they correct, which the assembled model is not. Each entry holds one quantized m
 from __future__ import annotations
 
 import copy
-import fnmatch
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -89,8 +88,9 @@ class LayerLibrary:
             )
         started = time.perf_counter()
         fp_model = self.session.loaded.denoiser
-        specs = recipe.layer_plan().resolve(fp_model)
-        pinned = {name for name in specs if _pinned_pattern(recipe, name)}
+        plan = recipe.layer_plan()
+        specs = plan.resolve(fp_model)
+        pinned = {name for name in specs if plan.pattern_for(name) in recipe.library_pinned}
         quantized = {name: spec for name, spec in specs.items() if spec != FULL_PRECISION and name not in pinned}
         if not quantized:
             raise ValueError("the layer library needs at least one quantized layer that is not pinned")
@@ -116,12 +116,6 @@ class LayerLibrary:
         ctx.state["stage_seconds"] = {"layer_library": seconds}
         ctx.model.eval().requires_grad_(False)
         return ctx
-
-
-def _pinned_pattern(recipe: RecipeBase, name: str) -> bool:
-    """Whether the override that decides ``name``'s spec (the first match) is pinned."""
-    pattern = next((p for p in recipe.overrides if fnmatch.fnmatchcase(name, p)), None)
-    return pattern is not None and pattern in recipe.library_pinned
 
 
 __all__ = ["LayerLibrary", "library_key", "uniform_recipe"]

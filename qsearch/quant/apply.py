@@ -34,16 +34,16 @@ class LayerPlan(BaseModel):
     )
     keep_fp: list[str] = Field(default_factory=list, description="glob patterns kept in full precision")
 
+    def pattern_for(self, name: str) -> str | None:
+        """The override pattern that decides ``name``'s spec: the first that matches."""
+        return next((p for p in self.overrides if fnmatch.fnmatchcase(name, p)), None)
+
     def spec_for(self, name: str) -> QuantSpec:
         """The resolved spec of the layer called ``name``."""
         if any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp):
             return FULL_PRECISION
-        fields = self.default.model_dump()
-        for pattern, override in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                fields.update(override)
-                break
-        return QuantSpec(**fields)
+        pattern = self.pattern_for(name)
+        return QuantSpec(**{**self.default.model_dump(), **(self.overrides[pattern] if pattern else {})})
 
     def resolve(self, model: nn.Module) -> dict[str, QuantSpec]:
         """Spec of every quantizable layer of ``model`` (full precision included)."""

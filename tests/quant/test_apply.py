@@ -22,6 +22,13 @@ def test_overrides_change_only_named_fields_and_keep_fp_wins() -> None:
     assert specs["4"] == FULL_PRECISION
 
 
+def test_the_first_matching_override_decides() -> None:
+    plan = LayerPlan(default=QuantSpec(w_bits=4), overrides={"2": {"w_bits": 3}, "*": {"w_bits": 8}})
+    assert [plan.pattern_for(n) for n in ("2", "0")] == ["2", "*"]
+    assert plan.spec_for("2").w_bits == 3 and plan.spec_for("0").w_bits == 8
+    assert LayerPlan().pattern_for("0") is None
+
+
 def test_unmatched_patterns_are_reported() -> None:
     plan = LayerPlan(overrides={"down_blocks.*": {"w_bits": 3}})
     assert plan.unmatched_patterns(_model()) == ["down_blocks.*"]
