@@ -1,0 +1,50 @@
+"""``benchmarks/export_bench.py``: rows written as measured, ratios against the references run first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import benchmarks.export_bench as bench
+from benchmarks.random_model import write_random_model
+
+TINY = {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "sample_size": 8}
+ARGS = ["--device", "cpu", "--batch-sizes", "2", "--steps", "1", "--repeats", "1", "--calib-samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dit(tmp_path_factory) -> str:
+    return str(write_random_model("dit-xl-2-256", tmp_path_factory.mktemp("dit") / "m", TINY))
+
+
+def rows_of(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_bf16_reference_alone_gives_each_row_its_speed_ratio(tiny_dit, tmp_path, capsys) -> None:
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W4",
+                "--backends", "fake", *ARGS])
+    rows = rows_of(out)
+    assert [r["config"] for r in rows] == ["BF16", "W4", "W4"]
+    for r in rows[1:]:
+        assert r["speed_vs_bf16"] == pytest.approx(rows[0]["seconds"] / r["seconds"])
+        assert "speed_vs_fp16" not in r and "memory_vs_fp16" not in r  # no FP16 model was run
+        assert r["size_vs_fp16"] > 0  # against the FP16 file, which is written whatever the references
+    table = capsys.readouterr().out
+    assert "| W4 | fake |" in table and "| - |" in table
+
+
+def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dit, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "rows.jsonl"
+
+    def cut_off(*args, **kwargs):
+        raise KeyboardInterrupt  # what a time limit's signal does to the run
+
+    monkeypatch.setattr(bench, "load", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--models", tiny_dit, "--out", str(out), "--configs", "W4", "--backends", "fake", *ARGS])
+    rows = rows_of(out)
+    assert [r["config"] for r in rows] == ["FP16", "BF16"]
+    assert rows[1]["speed_vs_fp16"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
