@@ -13,7 +13,9 @@ Every variant samples the same DDIM trajectory (``--steps`` steps) at each batch
 the median of ``--repeats`` runs (CUDA events), after a warm-up run. Ratios are taken within the
 run: size and memory against the FP16 model, speed against the BF16 (and FP16) model; the dense
 references (``--references``) run first. Each row goes to ``--out`` as a JSON line as soon as it is
-measured, and the run ends with a Markdown table on stdout.
+measured, and the run ends with a Markdown table on stdout. ``--profile`` adds, for the largest
+batch, the kernel time of one run split into matmul, attention and other (``kernel_profile.py``):
+how much of the run a faster GEMM can speed up.
 
 On the H100 (the lead's run, about 3 minutes)::
 
@@ -50,11 +52,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from qsearch.cli.main import quiet_libraries
-from qsearch.engine import Session
-from qsearch.export import BackendFallbackWarning, export_model, load
-from qsearch.models import Denoiser
-from qsearch.recipe import parse_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: its sibling modules
+
+from benchmarks.kernel_profile import profile_split  # noqa: E402
+from qsearch.cli.main import quiet_libraries  # noqa: E402
+from qsearch.engine import Session  # noqa: E402
+from qsearch.export import BackendFallbackWarning, export_model, load  # noqa: E402
+from qsearch.models import Denoiser  # noqa: E402
+from qsearch.recipe import parse_recipe  # noqa: E402
 
 # name -> (default spec, overrides, [(backend, dequantize)])
 CONFIGS: dict[str, tuple[dict, dict, list[tuple[str, str]]]] = {
@@ -131,10 +136,9 @@ class Timer:
         return start.elapsed_time(end) / 1000
 
 
-@torch.no_grad()
-def sampling_time(model: torch.nn.Module, session: Session, batch: int, dtype: torch.dtype,
-                  device: torch.device, repeats: int, timer: Timer) -> float:
-    """Median seconds of one full DDIM sampling run (all steps) at ``batch``."""
+def sampling_run(model: torch.nn.Module, session: Session, batch: int, dtype: torch.dtype,
+                 device: torch.device) -> Callable[[], None]:
+    """One full DDIM sampling run (all steps) at ``batch``, from fixed noise, as a callable."""
     denoiser = Denoiser(model)
     sampler = session.sampler
     cfg = model.config
@@ -145,13 +149,19 @@ def sampling_time(model: torch.nn.Module, session: Session, batch: int, dtype: t
     cond = {k: v.to(device) for k, v in cond.items()}
     sampler.scheduler.set_timesteps(sampler.config.steps)
 
+    @torch.no_grad()
     def run() -> None:
         x = noise
         for t in sampler.scheduler.timesteps:
             eps = denoiser(x, t.to(device), cond)
             x = sampler.scheduler.step(eps, t, x).prev_sample
 
-    run()  # warm-up (kernel selection, lazy initialisation)
+    return run
+
+
+def sampling_time(run: Callable[[], None], repeats: int, timer: Timer) -> float:
+    """Median seconds of ``repeats`` runs, after a warm-up run (kernel selection, lazy initialisation)."""
+    run()
     return statistics.median(timer(run) for _ in range(repeats))
 
 
@@ -179,9 +189,12 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
         if args.compile:
             model.forward = torch.compile(model.forward, dynamic=False, mode=args.compile)  # one graph per batch size
         for batch in args.batch_sizes:
-            seconds = sampling_time(model, session, batch, dtype, device, args.repeats, timer)
+            run = sampling_run(model, session, batch, dtype, device)
+            seconds = sampling_time(run, args.repeats, timer)
             row = {**base, "config": name, "backend": backend, "batch": batch, "seconds": seconds,
                    "images_per_second": batch / seconds, "disk_bytes": disk, "memory_bytes": memory, **extra}
+            if args.profile and batch == max(args.batch_sizes):
+                row["profile"] = profile_split(run, device)
             row.update(ratios(row, rows, fp16_disk))
             rows.append(row)
             emit(row)  # at once: a run cut off by a time limit keeps every row it measured
@@ -261,6 +274,14 @@ def report(rows: list[dict[str, Any]], fp16_disk: int) -> None:
               f"{fmt(ratio['size_vs_fp16'])} | {r['memory_bytes'] / 2**20:.2f} | {fmt(ratio.get('memory_vs_fp16'))} | "
               f"{r['seconds'] * 1000:.1f} | {r['images_per_second']:.1f} | {fmt(ratio.get('speed_vs_bf16'))} | "
               f"{fmt(ratio.get('speed_vs_fp16'))} |")
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        print(f"\nKernel time of one profiled run at batch {profiled[0]['batch']} (ms):\n")
+        print("| config | backend | matmul | attention | other | matmul share |\n|---|---|---|---|---|---|")
+        for r in profiled:
+            ms, share = r["profile"]["kernel_ms"], r["profile"]["matmul_share"]
+            print(f"| {r['config']} | {r['backend']} | {ms['matmul']:.1f} | {ms['attention']:.1f} | "
+                  f"{ms['other']:.1f} | {fmt(share)} |")
     big = max(r["batch"] for r in rows)
     w8 = [r for r in rows if r["config"].startswith("W8A8") and r["backend"] in ("int_mm", "scaled_mm", "torchao")
           and r["batch"] == big and "speed_vs_bf16" in r]
@@ -297,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile every measured model (whole-model fusion; adds ~1 min per model); "
                         "max-autotune lets inductor pick Triton GEMM templates for _int_mm/_scaled_mm, into "
                         "which it can fuse the activation quantization and the dequantizing epilogue")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one run at the largest batch: kernel time split into matmul, attention "
+                        "and other (benchmarks/kernel_profile.py), stored in the row")
     parser.add_argument("--workdir", type=Path, help="where the exported folders go (default: a temp dir)")
     args = parser.parse_args(argv)
     quiet_libraries()

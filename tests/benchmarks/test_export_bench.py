@@ -48,3 +48,17 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dit, tmp_path, monkeypatc
     rows = rows_of(out)
     assert [r["config"] for r in rows] == ["FP16", "BF16"]
     assert rows[1]["speed_vs_fp16"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
+
+
+def test_profile_is_taken_at_the_largest_batch_only(tiny_dit, tmp_path, capsys) -> None:
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W4",
+                "--backends", "fake", *ARGS, "--batch-sizes", "1", "2", "--profile"])  # the later flag wins
+    rows = rows_of(out)
+    assert {r["batch"] for r in rows} == {1, 2}
+    for r in rows:
+        if r["batch"] == 2:
+            assert r["profile"]["kernel_ms"]["matmul"] > 0  # the DiT's linear layers
+        else:
+            assert "profile" not in r
+    assert "| W4 | fake |" in capsys.readouterr().out.split("Kernel time of one profiled run")[1]
