@@ -21,9 +21,8 @@ from torch.profiler import ProfilerActivity, profile
 # checked in this order: the fused attention kernels of cuDNN/CUTLASS carry GEMM-like names too
 CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("attention", re.compile(r"flash|fmha|attention|attn|sdpa|softmax", re.IGNORECASE)),
-    ("matmul", re.compile(
-        r"gemm|cutlass|cublas|nvjet|xmma|wgmma|matmul|conv|triton_tem|_mm\b|aten::(add|b|)mm\b"
-        r"|aten::_(scaled|int)_mm|aten::(mkldnn_|_|cudnn_)?convolution", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|cutlass|cublas|nvjet|xmma|wgmma|matmul|conv|triton_tem|_mm\b|aten::(add|b)?mm\b",
+                          re.IGNORECASE)),
 )
 
 
