@@ -5,7 +5,8 @@ trajectories), exported with ``qsearch.export.export_model`` and loaded back wit
 
 * ``W8A8-int8``: int8 weights (per channel) and activations (static, per tensor): ``fake``,
   ``int_mm`` (``torch._int_mm``) and ``torchao`` (when installed);
-* ``W8A8-fp8``: FP8 E4M3 weights (per channel) and activations (static): ``fake``, ``scaled_mm``;
+* ``W8A8-fp8``: FP8 E4M3 weights (per channel) and activations (static): ``fake``, ``scaled_mm``,
+  and ``scaled_mm+fast_accum`` (Hopper's fast FP8 accumulation, ``fp8_fast_accum=True``);
 * ``W4``: int4 weight-only (per channel): dequantized at load, or on the fly from the packed codes;
 * ``W4-W8qkv``: a mixed model, int4 weight-only with the attention q/k/v projections at 8 bits.
 
@@ -58,17 +59,18 @@ from benchmarks.kernel_profile import profile_split  # noqa: E402
 from qsearch.cli.main import quiet_libraries  # noqa: E402
 from qsearch.engine import Session  # noqa: E402
 from qsearch.export import BackendFallbackWarning, export_model, load  # noqa: E402
+from qsearch.export.fusion import fuse_qkv_projections  # noqa: E402
 from qsearch.models import Denoiser  # noqa: E402
 from qsearch.recipe import parse_recipe  # noqa: E402
 
-# name -> (default spec, overrides, [(backend, dequantize)])
-CONFIGS: dict[str, tuple[dict, dict, list[tuple[str, str]]]] = {
+# name -> (default spec, overrides, [(backend, dequantize, extra load options)])
+CONFIGS: dict[str, tuple[dict, dict, list[tuple[str, str, dict[str, Any]]]]] = {
     "W8A8-int8": ({"w_bits": 8, "a_bits": 8}, {},
-                  [("fake", "load"), ("int_mm", "load"), ("torchao", "load")]),
+                  [("fake", "load", {}), ("int_mm", "load", {}), ("torchao", "load", {})]),
     "W8A8-fp8": ({"w_bits": 8, "w_format": "fp", "a_bits": 8, "a_format": "fp"}, {},
-                 [("fake", "load"), ("scaled_mm", "load")]),
-    "W4": ({"w_bits": 4, "a_bits": None}, {}, [("fake", "load"), ("fake", "on_the_fly")]),
-    "W4-W8qkv": ({"w_bits": 4, "a_bits": None}, {"*to_[qkv]": {"w_bits": 8}}, [("auto", "on_the_fly")]),
+                 [("fake", "load", {}), ("scaled_mm", "load", {}), ("scaled_mm", "load", {"fp8_fast_accum": True})]),
+    "W4": ({"w_bits": 4, "a_bits": None}, {}, [("fake", "load", {}), ("fake", "on_the_fly", {})]),
+    "W4-W8qkv": ({"w_bits": 4, "a_bits": None}, {"*to_[qkv]": {"w_bits": 8}}, [("auto", "on_the_fly", {})]),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -181,7 +183,8 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
     fp16_file = workdir / f"{Path(ref).name}-fp16.safetensors"
     save_file({k: v.detach().half().contiguous().cpu() for k, v in fp_model.state_dict().items()}, str(fp16_file))
     fp16_disk = fp16_file.stat().st_size
-    base: dict[str, Any] = {"model": ref, "device": str(device), "steps": args.steps, "compile": args.compile}
+    base: dict[str, Any] = {"model": ref, "device": str(device), "steps": args.steps, "compile": args.compile,
+                            "fuse_qkv": args.fuse_qkv}
     rows: list[dict[str, Any]] = []
 
     def record(name: str, backend: str, model: torch.nn.Module, memory: int, disk: int, dtype: torch.dtype,
@@ -202,12 +205,12 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
 
     for name in args.references:
         dtype = DTYPES[name]
-        model, memory = measure_memory(lambda: copy.deepcopy(fp_model).to(device, dtype), device)
+        model, memory = measure_memory(lambda: reference(fp_model, device, dtype, args.fuse_qkv), device)
         record(name.upper(), "dense", model, memory, fp16_disk, dtype, {})
         del model
 
     for name, (quant, overrides, variants) in CONFIGS.items():
-        variants = [v for v in variants if args.backends is None or v[0] in args.backends]
+        variants = [v for v in variants if args.backends is None or {v[0], variant_label(*v)} & set(args.backends)]
         if name not in args.configs or not variants:
             continue
         recipe = parse_recipe({**data, "quant": quant, "overrides": overrides})
@@ -219,25 +222,41 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
         disk = folder_bytes(out)
         bits = json.loads((out / "qsearch_config.json").read_text())["bits"]
         del ctx
-        for backend, dequantize in variants:
+        for backend, dequantize, options in variants:
             if backend == "torchao" and importlib.util.find_spec("torchao") is None:
                 print(f"{name}: torchao is not installed; skipping its backend", file=sys.stderr)
                 continue
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", BackendFallbackWarning)
                 model, memory = measure_memory(lambda: denoiser_of(
-                    load(out, backend=backend, device=device, dtype=torch.bfloat16, dequantize=dequantize)), device)
+                    load(out, backend=backend, device=device, dtype=torch.bfloat16, dequantize=dequantize,
+                         fuse_qkv=args.fuse_qkv, **options)), device)
             used: dict[str, int] = {}
             for how in model.qsearch_backends.values():
                 used[how] = used.get(how, 0) + 1
-            label = backend if dequantize == "load" or backend != "fake" else f"fake+{dequantize}"
+            label = variant_label(backend, dequantize, options)
             record(name, label, model, memory, disk, torch.bfloat16, {
                 "layers_by_kernel": used, "avg_weight_bits": bits["avg_weight_bits"],
+                "fused_attention": sum(v == "fused" for v in getattr(model, "qsearch_fused", {}).values()),
                 "quantize_export_seconds": calib_seconds,
                 "fallbacks": [str(w.message) for w in caught],
             })
             del model
     report(rows, fp16_disk)
+
+
+def variant_label(backend: str, dequantize: str, options: dict[str, Any]) -> str:
+    """The backend column of a row: ``scaled_mm``, ``fake+on_the_fly``, ``scaled_mm+fast_accum``..."""
+    label = backend if dequantize == "load" or backend != "fake" else f"fake+{dequantize}"
+    return label + "".join(f"+{key.removeprefix('fp8_')}" for key, on in options.items() if on)
+
+
+def reference(fp_model: torch.nn.Module, device: torch.device, dtype: torch.dtype, fuse_qkv: bool) -> torch.nn.Module:
+    """A dense copy of the FP model in ``dtype``, with q/k/v fused when the quantized models are."""
+    model = copy.deepcopy(fp_model).to(device, dtype)
+    if fuse_qkv:
+        fuse_qkv_projections(model)
+    return model
 
 
 def ratios(row: dict[str, Any], measured: list[dict[str, Any]], fp16_disk: int) -> dict[str, float]:
@@ -283,7 +302,8 @@ def report(rows: list[dict[str, Any]], fp16_disk: int) -> None:
             print(f"| {r['config']} | {r['backend']} | {ms['matmul']:.1f} | {ms['attention']:.1f} | "
                   f"{ms['other']:.1f} | {fmt(share)} |")
     big = max(r["batch"] for r in rows)
-    w8 = [r for r in rows if r["config"].startswith("W8A8") and r["backend"] in ("int_mm", "scaled_mm", "torchao")
+    kernels = ("int_mm", "scaled_mm", "torchao")
+    w8 = [r for r in rows if r["config"].startswith("W8A8") and r["backend"].split("+")[0] in kernels
           and r["batch"] == big and "speed_vs_bf16" in r]
     w4 = [r for r in rows if r["config"] == "W4"]
     if w8:
@@ -312,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--references", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                         help="dense reference models, measured first (bf16 alone saves a compile when only the "
                         "speed against BF16 is wanted)")
-    parser.add_argument("--backends", nargs="+", help="only these load backends (default: all of each config)")
+    parser.add_argument("--backends", nargs="+",
+                        help="only these load backends, or variants by their row label such as scaled_mm+fast_accum "
+                        "(default: all of each config)")
     parser.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="torch.compile every measured model (whole-model fusion; adds ~1 min per model); "
@@ -321,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="profile one run at the largest batch: kernel time split into matmul, attention "
                         "and other (benchmarks/kernel_profile.py), stored in the row")
+    parser.add_argument("--fuse-qkv", action="store_true",
+                        help="one GEMM for each self-attention's q/k/v, in the references and the loaded models "
+                        "(qsearch.export.fusion)")
     parser.add_argument("--workdir", type=Path, help="where the exported folders go (default: a temp dir)")
     args = parser.parse_args(argv)
     quiet_libraries()

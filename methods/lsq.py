@@ -609,6 +609,13 @@ def fine_tune(
                 on_step(i)
             if i % 10 == 0 or i == steps - 1:
                 progress.update(task, completed=i + 1, loss=f"{losses[-1].item():.4g}")
+            if not progress.console.is_terminal and (i + 1) % max(1, steps // 20) == 0:
+                # a log file gets no live bar: a line every 5% of the steps, with the time left
+                elapsed = time.perf_counter() - started
+                progress.console.print(
+                    f"{name}: step {i + 1}/{steps}, loss {losses[-1].item():.4g}, {elapsed:.0f} s, "
+                    f"~{elapsed / (i + 1) * (steps - i - 1):.0f} s left"
+                )
     for p in params:
         p.requires_grad_(False)
     curve = torch.stack(losses).float().cpu().tolist()

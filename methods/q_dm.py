@@ -8,9 +8,10 @@ the denoising steps. Its answers, as implemented here:
 * **TaQ**: each quantized activation is normalized with statistics of its own timestep before the
   quantizer, ``x~ = (x - mu_t) / sigma_t``, quantized with one learned LSQ step size on the now
   timestep-stable distribution, and de-normalized, ``x^ = sigma_t Q(x~) + mu_t``. ``mu_t, sigma_t``
-  are per-tensor statistics of the layer input at each sampler timestep, measured on the FP
-  trajectory inputs before training and then fixed (deployment: a per-timestep step ``sigma_t s``
-  and offset ``mu_t``, stored in fp16).
+  are per-tensor statistics of the layer input at each sampler timestep, measured before training
+  by running the quantized model (weights quantized, the other activation quantizers as calibrated:
+  what the layer sees at inference) on the FP trajectory inputs, and then fixed (deployment: a
+  per-timestep step ``sigma_t s`` and offset ``mu_t``, stored in fp16).
 * **NeM**: the quantized noise estimator mimics the FP one, ``L_NeM = ||eps_FP(x_t,t) - eps_Q(x_t,t)||^2``
   on inputs along the FP sampling trajectory (all timesteps), added to the usual denoising loss
   ``||eps - eps_Q||^2`` when a ``dataset`` is given (``L = L_simple + nem_weight * L_NeM``), alone
@@ -20,6 +21,8 @@ the denoising steps. Its answers, as implemented here:
 Partial / unverified: the paper's full text was not available here (only its abstract and method
 summary); the TaQ normalization statistics (per tensor, per sampler timestep, measured once) and
 the NeM form above are reconstructed from that summary, not checked against the paper's equations.
+The paper trains with DDPM's own settings (dataset images, every training timestep, long
+schedules); the recipes here fine-tune for minutes on the sampler's timesteps, data-free.
 """
 
 from __future__ import annotations

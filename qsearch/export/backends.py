@@ -141,12 +141,14 @@ def convert(
     device: torch.device,
     dtype: torch.dtype,
     dequantize: Dequantize,
+    fp8_fast_accum: bool = False,
 ) -> dict[str, str]:
     """Swap each quantized layer for its kernel layer (or its dequantizing fallback), in place.
 
     ``codes`` maps a layer name to ``(codes, packed codes, bits)`` of its weight. Must run before
     the model is cast to ``dtype``: kernel layers capture the quantization grids in fp32. Returns
-    ``{layer: what computes it}`` (a kernel, ``dequant_on_the_fly`` or ``fake``).
+    ``{layer: what computes it}`` (a kernel, ``dequant_on_the_fly`` or ``fake``). ``fp8_fast_accum``
+    is handed to the ``scaled_mm`` layers (``Fp8MMLinear``).
     """
     kernels = candidate_kernels(backend, device)
     unavailable = {k: r for k in kernels if (r := kernel_unavailable(k, device)) is not None}
@@ -157,7 +159,8 @@ def convert(
         for kernel in kernels:
             reason = unavailable.get(kernel) or kernel_for(layer, kernel)
             if reason is None:
-                model.set_submodule(name, _kernel_layer(kernel, layer, codes[name][0], dtype, device))
+                new = _kernel_layer(kernel, layer, codes[name][0], dtype, device, fp8_fast_accum)
+                model.set_submodule(name, new)
                 used[name] = kernel
                 break
             reasons.append(f"{kernel}: {reason}")
@@ -180,10 +183,10 @@ def convert(
 
 
 def _kernel_layer(kernel: str, layer: QuantMixin, codes: torch.Tensor, dtype: torch.dtype,
-                  device: torch.device) -> nn.Module:
+                  device: torch.device, fp8_fast_accum: bool) -> nn.Module:
     if kernel == "int_mm":
         return Int8MMLinear.from_quant(layer, codes)
     if kernel == "scaled_mm":
-        return Fp8MMLinear.from_quant(layer, codes)
+        return Fp8MMLinear.from_quant(layer, codes, fast_accum=fp8_fast_accum)
     return TorchaoInt8Linear.from_quant(layer, codes, dtype, device)
 

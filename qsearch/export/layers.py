@@ -116,10 +116,10 @@ class _KernelLinear(QuantLinear):
         scale, zero_point = aq.qparams(*aq.dynamic_range(x2))
         return scale.float(), zero_point.float()
 
-    def _finish(self, y: torch.Tensor, x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
-        """Bias, original leading dimensions, and the low-rank branch on the transformed input."""
+    def _finish(self, y: torch.Tensor, x: torch.Tensor, lead: torch.Size, add_bias: bool = True) -> torch.Tensor:
+        """Bias (unless the GEMM added it), original leading dimensions, and the low-rank branch."""
         y = y.to(x.dtype)
-        if self.bias is not None:
+        if add_bias and self.bias is not None:
             y = y.add_(self.bias)
         y = y.reshape(*lead, y.shape[-1])
         if self.branch is not None:
@@ -175,12 +175,19 @@ class Fp8MMLinear(_KernelLinear):
 
     The weight codes index the E4M3 table, whose values ``float8_e4m3fn`` holds exactly, so the
     tensor-core operand is the exported weight itself with its per-channel scale as ``scale_b``.
+    The bias is added in the GEMM's epilogue when it is in the output's dtype (one pass over the
+    output fewer). ``fast_accum`` lets Hopper's FP8 tensor cores accumulate without promoting the
+    partial sums to fp32 at intervals: faster, but the sums carry fewer mantissa bits, so it is
+    off unless asked for (``qsearch.load(..., fp8_fast_accum=True)``).
     """
 
+    fast_accum: bool = False
+
     @classmethod
-    def from_quant(cls, layer: QuantLinear, codes: torch.Tensor) -> "Fp8MMLinear":
+    def from_quant(cls, layer: QuantLinear, codes: torch.Tensor, fast_accum: bool = False) -> "Fp8MMLinear":
         new = _rebind(cls, layer)
         new._init_kernel(layer)
+        new.fast_accum = fast_accum
         wq = layer.weight_quantizer
         values = pack.minifloat_values(codes, wq.bits, wq.exponent_bits).to(torch.float8_e4m3fn)
         new.register_buffer("w_fp8_bits", values.contiguous().view(torch.uint8))
@@ -209,14 +216,18 @@ class Fp8MMLinear(_KernelLinear):
         rows = x2.shape[0]
         # row-wise scaling wants a real (rows, 1) tensor (an expanded scalar has stride 0)
         scale_a = torch.empty(rows, 1, device=x2.device).copy_(scale.reshape(-1, 1).expand(rows, 1))
+        out_dtype = self._out_dtype(x)
+        fused_bias = self.bias is not None and self.bias.dtype == out_dtype
         y = torch._scaled_mm(
             xf8,
             self.w_fp8_bits.view(torch.float8_e4m3fn).t(),
             scale_a=scale_a,
             scale_b=self.w_scale_bits.view(torch.float32).view(1, -1),
-            out_dtype=self._out_dtype(x),
+            bias=self.bias if fused_bias else None,
+            out_dtype=out_dtype,
+            use_fast_accum=self.fast_accum,
         )
-        return self._finish(y, x, lead)
+        return self._finish(y, x, lead, add_bias=not fused_bias)
 
 
 class TorchaoInt8Linear(_KernelLinear):

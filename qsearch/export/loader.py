@@ -27,6 +27,7 @@ from torch import nn
 
 from qsearch.export import pack, tensors
 from qsearch.export.backends import Backend, Dequantize, convert
+from qsearch.export.fusion import fuse_qkv_projections
 from qsearch.export.integrity import verify
 from qsearch.export.serialize import LoadError, build_module, decode_value, import_class
 from qsearch.export.writer import CONFIG_FILE, FORMAT, FORMAT_VERSION, LAYER_PARTS, WEIGHTS_FILE
@@ -61,6 +62,8 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     dequantize: Dequantize | None = None,
+    fp8_fast_accum: bool = False,
+    fuse_qkv: bool = False,
 ) -> Any:
     """Load an export folder; returns the diffusers model, or the pipeline if one was exported.
 
@@ -69,6 +72,10 @@ def load(
     float32). ``dequantize``: layers without a kernel keep decoded weights (``load``, the default
     of the ``fake`` backend and of CPU) or only their packed codes, decoded at every call
     (``on_the_fly``, the default with kernels on CUDA: the memory of a W4 model is its codes).
+    ``fp8_fast_accum``: ``scaled_mm`` layers accumulate in the FP8 tensor cores' fast, less
+    precise mode (Hopper); off by default. ``fuse_qkv``: each self-attention layer whose q/k/v
+    kernel layers quantize their input identically computes them in one GEMM
+    (``qsearch.export.fusion``; the outcome per attention layer is ``model.qsearch_fused``).
     """
     root = Path(path)
     config = read_config(root)
@@ -78,12 +85,15 @@ def load(
         dequantize = "load" if backend == "fake" or device.type != "cuda" else "on_the_fly"
     model, codes, stored = build_model(root, config)
     model.qsearch_backends = convert(
-        model, codes, backend=backend, device=device, dtype=dtype or torch.float32, dequantize=dequantize
+        model, codes, backend=backend, device=device, dtype=dtype or torch.float32, dequantize=dequantize,
+        fp8_fast_accum=fp8_fast_accum,
     )
     model.to(device)
     if dtype is not None:
         model.to(dtype)
     model.eval().requires_grad_(False)
+    if fuse_qkv:  # after the moves and casts, which would give the views their own storage again
+        model.qsearch_fused = fuse_qkv_projections(model)
     model.qsearch_config = config
     model.qsearch_scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     model.qsearch_correctors = _build_correctors(config, stored)

@@ -62,3 +62,24 @@ def test_profile_is_taken_at_the_largest_batch_only(tiny_dit, tmp_path, capsys) 
         else:
             assert "profile" not in r
     assert "| W4 | fake |" in capsys.readouterr().out.split("Kernel time of one profiled run")[1]
+
+
+def test_fp8_rows_with_and_without_fast_accumulation(tiny_dit, tmp_path) -> None:
+    """``--backends scaled_mm`` measures both accumulation modes, labelled apart, every layer on the kernel."""
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W8A8-fp8",
+                "--backends", "scaled_mm", *ARGS])
+    rows = rows_of(out)
+    assert [r["backend"] for r in rows] == ["dense", "scaled_mm", "scaled_mm+fast_accum"]
+    for r in rows[1:]:
+        assert set(r["layers_by_kernel"]) >= {"scaled_mm"} and "speed_vs_bf16" in r
+
+
+def test_fused_qkv_in_references_and_quantized_models(tiny_dit, tmp_path) -> None:
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W8A8-fp8",
+                "--backends", "scaled_mm+fast_accum", "--fuse-qkv", *ARGS])  # one variant, by its label
+    rows = rows_of(out)
+    assert [r["backend"] for r in rows] == ["dense", "scaled_mm+fast_accum"]
+    assert all(r["fuse_qkv"] for r in rows)
+    assert rows[1]["fused_attention"] == 1  # the tiny DiT's one self-attention

@@ -42,12 +42,14 @@ def quantize(data: dict[str, Any]) -> tuple[Session, QuantContext]:
 
 
 def probe_inputs(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Fixed denoiser inputs (noisy images at four timesteps, class labels for a DiT)."""
+    """Fixed denoiser inputs (noisy images at four timesteps; class labels for a DiT, a caption for PixArt)."""
     g = torch.Generator().manual_seed(0)
     size = model.config.sample_size
     x = torch.randn(4, model.config.in_channels, size, size, generator=g)
     t = torch.tensor([999, 600, 250, 10])
     cond = {"class_labels": torch.tensor([0, 3, 5, 9])} if "DiT" in type(model).__name__ else {}
+    if "PixArt" in type(model).__name__:  # a caption embedding of 5 tokens
+        cond = {"encoder_hidden_states": torch.randn(4, 5, model.config.caption_channels, generator=g)}
     return x, t, cond
 
 

@@ -37,7 +37,7 @@ def _convert(layer, backend: str, **kwargs) -> tuple[nn.Module, dict[str, str]]:
     model = nn.Sequential()
     model.add_module("layer", layer)
     used = convert(model, _codes(layer), backend=backend, device=CPU, dtype=torch.float32,
-                   dequantize=kwargs.get("dequantize", "load"))
+                   dequantize=kwargs.get("dequantize", "load"), fp8_fast_accum=kwargs.get("fp8_fast_accum", False))
     return model.layer, used
 
 
@@ -65,6 +65,27 @@ def test_kernel_layer_computes_the_fake_quantized_layer(spec, backend, kernel_cl
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # the decoded weight of the kernel layer is the exported one
     assert torch.equal(kernel.weight, layer.quantized_weight())
+
+
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_fp8_layer_hands_bias_and_accumulation_mode_to_the_gemm(monkeypatch, fast_accum) -> None:
+    """The bias goes into ``_scaled_mm``'s epilogue (not a separate pass) and ``fp8_fast_accum``
+    reaches the kernel; the output is unchanged (the CPU kernel has one accumulation mode)."""
+    layer = _layer(FP8)
+    x = torch.randn(20, 64)
+    expected = layer(x)
+    kernel, _ = _convert(layer, "scaled_mm", fp8_fast_accum=fast_accum)
+    calls: list[dict] = []
+    scaled_mm = torch._scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    torch.testing.assert_close(kernel(x), expected, rtol=1e-5, atol=1e-5)
+    assert calls[0]["use_fast_accum"] is fast_accum
+    assert calls[0]["bias"] is kernel.bias
 
 
 @pytest.mark.parametrize(("spec", "backend"), [(W8A8, "int_mm"), (FP8, "scaled_mm"),

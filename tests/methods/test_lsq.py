@@ -117,7 +117,7 @@ def test_temporal_quantizer_uses_the_step_of_each_example_timestep() -> None:
     assert torch.allclose(tq(x), out)  # outside a denoiser call (checkpoint recompute): same index
 
 
-def test_lsq_fine_tuning_lowers_the_distillation_loss(tiny_model_dir) -> None:
+def test_lsq_fine_tuning_lowers_the_distillation_loss(tiny_model_dir, capsys) -> None:
     stages = [{"method": "rtn"},
               {"method": "lsq", "steps": 24, "batch_size": 4, "lr": 1e-4, "quant_lr": 1e-3}]
     recipe = parse_recipe(_recipe(tiny_model_dir("unet2d"), stages))
@@ -130,6 +130,9 @@ def test_lsq_fine_tuning_lowers_the_distillation_loss(tiny_model_dir) -> None:
         assert type(layer.weight_quantizer) is WeightQuantizer
         assert type(layer.act_quantizer) is ActQuantizer and layer.act_quantizer.calibrated
     assert ctx.state["train_seconds"]["lsq"] > 0
+    # captured output is not a terminal: progress comes as log lines (every 5% of the steps)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lsq: step ")]
+    assert len(lines) == 24 and lines[-1].startswith("lsq: step 24/24, loss ")
 
 
 def test_loss_curves_plot(tmp_path) -> None:
