@@ -17,6 +17,10 @@ times, with CUDA events, the median of ``--repeats`` calls after warm-up, of:
 * ``fp8_quantize``: the activation pass alone (``x / s``, clamp, cast to E4M3), the price of
   quantizing the input when it cannot be fused into the op before.
 
+Each GEMM's output is also compared with the exact (float64) product of its own operands: the
+relative error is its rounding and accumulation error alone (the quantization of the operands is
+not in it), which is what ``fast_accum`` trades for speed.
+
     python benchmarks/gemm_bench.py --out gemm.jsonl                 # H100/H200, a few seconds
     python benchmarks/gemm_bench.py --device cpu --shapes 64x32x48 --out /tmp/gemm.jsonl   # tiny check
 """
@@ -58,8 +62,12 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float
     return statistics.median(times)
 
 
-def kernels(m: int, k: int, n: int, device: torch.device) -> dict[str, Callable[[], object]]:
-    """The calls to time at one shape, on random operands of the right dtypes."""
+Kernel = tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor] | None]
+
+
+def kernels(m: int, k: int, n: int, device: torch.device) -> dict[str, Kernel]:
+    """The calls to time at one shape, on random operands of the right dtypes, each with the exact
+    (float64) product of its own operands, against which its accumulation error is measured."""
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(m, k, generator=g, device=device).to(torch.bfloat16)
     w = torch.randn(n, k, generator=g, device=device).to(torch.bfloat16) / k**0.5
@@ -72,34 +80,44 @@ def kernels(m: int, k: int, n: int, device: torch.device) -> dict[str, Callable[
     xi = torch.randint(-128, 128, (m, k), generator=g, device=device, dtype=torch.int8)
     wit = torch.randint(-128, 128, (n, k), generator=g, device=device, dtype=torch.int8).t()
 
-    def scaled(row: bool, fast: bool) -> Callable[[], object]:
+    def exact(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0, add_bias: bool = True) -> Callable[[], torch.Tensor]:
+        return lambda: a.double() @ b.double() * scale + (bias.double() if add_bias else 0)
+
+    def scaled(row: bool, fast: bool) -> Kernel:
         sa, sb = (row_scale, col_scale) if row else (one, one)
-        return lambda: torch._scaled_mm(x8, w8t, scale_a=sa, scale_b=sb, bias=bias,
-                                        out_dtype=torch.bfloat16, use_fast_accum=fast)
+        return (lambda: torch._scaled_mm(x8, w8t, scale_a=sa, scale_b=sb, bias=bias,
+                                         out_dtype=torch.bfloat16, use_fast_accum=fast),
+                exact(x8, w8t, 1e-4))
 
     return {
-        "bf16": lambda: F.linear(x, w, bias),
+        "bf16": (lambda: F.linear(x, w, bias), exact(x, w.t())),
         "fp8_rowwise": scaled(True, False),
         "fp8_rowwise+fast_accum": scaled(True, True),
         "fp8_tensorwise": scaled(False, False),
         "fp8_tensorwise+fast_accum": scaled(False, True),
-        "int8": lambda: torch._int_mm(xi, wit),
-        "fp8_quantize": lambda: (x / one).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn),
+        "int8": (lambda: torch._int_mm(xi, wit), exact(xi, wit, add_bias=False)),
+        "fp8_quantize": (lambda: (x / one).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), None),
     }
+
+
+def relative_error(y: torch.Tensor, exact: torch.Tensor) -> float:
+    """||y - exact|| / ||exact|| (Frobenius): the kernel's rounding and accumulation error."""
+    return float((y.double() - exact).norm() / exact.norm())
 
 
 def bench_shape(shape: str, repeats: int, device: torch.device) -> list[dict]:
     m, k, n = (int(v) for v in shape.split("x"))
     rows = []
-    for name, fn in kernels(m, k, n, device).items():
+    for name, (fn, exact) in kernels(m, k, n, device).items():
         try:
             seconds = timed(fn, repeats, device)
         except RuntimeError as err:  # a kernel this device or build lacks: said, not fatal
             rows.append({"shape": shape, "kernel": name, "error": str(err).splitlines()[0]})
             continue
         row = {"shape": shape, "kernel": name, "seconds": seconds}
-        if name != "fp8_quantize":
+        if exact is not None:
             row["tflops"] = 2 * m * k * n / seconds / 1e12
+            row["relative_error"] = relative_error(fn(), exact())
         rows.append(row)
     reference = next(r["seconds"] for r in rows if r["kernel"] == "bf16")
     for r in rows:
@@ -118,16 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"### GEMMs on {name} (median of {args.repeats})\n")
-    print("| M x K x N | kernel | ms | TFLOP/s | x BF16 |\n|---|---|---:|---:|---:|")
+    print("| M x K x N | kernel | ms | TFLOP/s | x BF16 | relative error |\n|---|---|---:|---:|---:|---:|")
     with args.out.open("a") as f:
         for shape in args.shapes:
             for r in bench_shape(shape, args.repeats, device):
                 f.write(json.dumps({**r, "device": name}) + "\n")
                 if "error" in r:
-                    print(f"| {shape} | {r['kernel']} | {r['error']} | | |")
+                    print(f"| {shape} | {r['kernel']} | {r['error']} | | | |")
                     continue
                 tflops = f"{r['tflops']:.0f}" if "tflops" in r else "-"
-                print(f"| {shape} | {r['kernel']} | {r['seconds'] * 1000:.3f} | {tflops} | {r['speed_vs_bf16']:.2f} |")
+                error = f"{r['relative_error']:.2e}" if "relative_error" in r else "-"
+                print(f"| {shape} | {r['kernel']} | {r['seconds'] * 1000:.3f} | {tflops} | "
+                      f"{r['speed_vs_bf16']:.2f} | {error} |")
     sys.stdout.flush()
     return 0
 

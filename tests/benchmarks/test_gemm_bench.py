@@ -19,7 +19,10 @@ def test_each_shape_gets_every_kernel_and_its_ratio(tmp_path, capsys) -> None:
         assert "error" not in r, r  # the CPU build has every kernel
         reference = next(q for q in rows if q["shape"] == r["shape"] and q["kernel"] == "bf16")
         assert r["speed_vs_bf16"] == pytest.approx(reference["seconds"] / r["seconds"])
-        assert ("tflops" in r) == (r["kernel"] != "fp8_quantize")
+        assert ("tflops" in r) == ("relative_error" in r) == (r["kernel"] != "fp8_quantize")
+    errors = {(r["shape"], r["kernel"]): r.get("relative_error") for r in rows}
+    assert errors["48x32x16", "int8"] == 0  # integer products are exact in int32
+    assert 0 < errors["48x32x16", "fp8_rowwise"] < 1e-2  # bf16 output rounding, nothing more
     assert "| 48x32x16 | fp8_rowwise+fast_accum |" in capsys.readouterr().out
 
 
