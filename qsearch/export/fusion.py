@@ -32,6 +32,8 @@ def unfusable(layers: list[nn.Module]) -> str | None:
     kinds = {type(layer) for layer in layers}
     if len(kinds) != 1:
         return "different layer classes"
+    if len({layer.out_features for layer in layers}) != 1:  # the fused processor splits in thirds
+        return "q, k and v widths differ"
     kind = kinds.pop()
     if kind is nn.Linear:
         return None if len({layer.bias is None for layer in layers}) == 1 else "bias on some layers only"

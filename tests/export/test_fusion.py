@@ -23,14 +23,15 @@ def _export(model_dir, quant, tmp_path, **extra):
 
 
 @pytest.mark.parametrize(("kind", "quant", "backend"), [("dit", FP8, "scaled_mm"), ("dit", INT8, "int_mm"),
-                                                        ("pixart", FP8, "scaled_mm")])
+                                                        ("pixart", FP8, "scaled_mm"), ("unet2d", INT8, "int_mm")])
 def test_fused_projections_compute_the_three_layers(tiny_model_dir, tmp_path, kind, quant, backend) -> None:
     _, out = _export(tiny_model_dir(kind), quant, tmp_path)
     plain = load(out, backend=backend)
     fused = load(out, backend=backend, fuse_qkv=True)
     self_attention = [n for n in fused.qsearch_fused]
     assert self_attention and set(fused.qsearch_fused.values()) == {"fused"}
-    assert all(n.endswith("attn1") for n in self_attention)  # PixArt's cross-attention stays unfused
+    if kind == "pixart":
+        assert all(n.endswith("attn1") for n in self_attention)  # its cross-attention stays unfused
     torch.testing.assert_close(eps(fused), eps(plain), rtol=1e-5, atol=1e-5)
     attn = fused.get_submodule(self_attention[0])
     assert isinstance(attn.processor, FusedAttnProcessor2_0)
@@ -70,3 +71,12 @@ def test_other_attention_processors_are_not_replaced(tiny_model_dir, tmp_path) -
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor())
     assert set(fuse_qkv_projections(model).values()) == {"processor AttnProcessor"}
+
+
+def test_unequal_projection_widths_are_left_alone(tiny_model_dir, tmp_path) -> None:
+    """Grouped-query attention (k, v narrower than q): the fused processor would split at the wrong place."""
+    _, out = _export(tiny_model_dir("dit"), FP8, tmp_path)
+    model = load(out, backend="scaled_mm")
+    attn = next(m for n, m in model.named_modules() if n.endswith("attn1"))
+    attn.to_k.out_features //= 2
+    assert "q, k and v widths differ" in fuse_qkv_projections(model).values()
