@@ -41,7 +41,6 @@ import copy
 import gc
 import importlib.util
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: its sibling modules
 
 from benchmarks.kernel_profile import profile_split  # noqa: E402
+from benchmarks.timing import Timer, median_seconds  # noqa: E402
 from qsearch.cli.main import quiet_libraries  # noqa: E402
 from qsearch.engine import Session  # noqa: E402
 from qsearch.export import BackendFallbackWarning, export_model, load  # noqa: E402
@@ -119,25 +119,6 @@ def measure_memory(build: Callable[[], torch.nn.Module], device: torch.device) -
     return model, torch.cuda.memory_allocated(device) - before
 
 
-class Timer:
-    """Wall time of a callable: CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        if not self.cuda:
-            started = time.perf_counter()
-            fn()
-            return time.perf_counter() - started
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000
-
-
 def sampling_run(model: torch.nn.Module, session: Session, batch: int, dtype: torch.dtype,
                  device: torch.device) -> Callable[[], None]:
     """One full DDIM sampling run (all steps) at ``batch``, from fixed noise, as a callable."""
@@ -159,12 +140,6 @@ def sampling_run(model: torch.nn.Module, session: Session, batch: int, dtype: to
             x = sampler.scheduler.step(eps, t, x).prev_sample
 
     return run
-
-
-def sampling_time(run: Callable[[], None], repeats: int, timer: Timer) -> float:
-    """Median seconds of ``repeats`` runs, after a warm-up run (kernel selection, lazy initialisation)."""
-    run()
-    return statistics.median(timer(run) for _ in range(repeats))
 
 
 def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callable[[dict], None]) -> None:
@@ -193,7 +168,7 @@ def bench_model(ref: str, args: argparse.Namespace, workdir: Path, emit: Callabl
             model.forward = torch.compile(model.forward, dynamic=False, mode=args.compile)  # one graph per batch size
         for batch in args.batch_sizes:
             run = sampling_run(model, session, batch, dtype, device)
-            seconds = sampling_time(run, args.repeats, timer)
+            seconds = median_seconds(run, args.repeats, timer)
             row = {**base, "config": name, "backend": backend, "batch": batch, "seconds": seconds,
                    "images_per_second": batch / seconds, "disk_bytes": disk, "memory_bytes": memory, **extra}
             if args.profile and batch == max(args.batch_sizes):

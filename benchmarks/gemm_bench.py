@@ -29,37 +29,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: its sibling modules
+
+from benchmarks.timing import Timer, median_seconds  # noqa: E402
+
 FP8_MAX = 448.0
 DIT_XL_B256 = ["65536x1152x1152", "65536x1152x4608", "65536x4608x1152"]
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds of one call, after two warm-up calls (kernel selection, lazy initialisation)."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 Kernel = tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor] | None]
@@ -110,7 +92,7 @@ def bench_shape(shape: str, repeats: int, device: torch.device) -> list[dict]:
     rows = []
     for name, (fn, exact) in kernels(m, k, n, device).items():
         try:
-            seconds = timed(fn, repeats, device)
+            seconds = median_seconds(fn, repeats, Timer(device), warmup=2)
         except RuntimeError as err:  # a kernel this device or build lacks: said, not fatal
             rows.append({"shape": shape, "kernel": name, "error": str(err).splitlines()[0]})
             continue

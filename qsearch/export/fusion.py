@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qsearch.export.layers import Fp8MMLinear, Int8MMLinear
+from qsearch.export.layers import Fp8MMLinear, Int8MMLinear, share_state
 
 # the kernel layers' per-output-row buffers, concatenated when fusing (the others must be equal)
 ROW_BUFFERS: dict[type, tuple[str, ...]] = {
@@ -79,10 +79,7 @@ def fused_projection(layers: list[nn.Module]) -> nn.Module:
         fused = nn.Linear(first.in_features, out_features, bias=bool(bias), device=w.device, dtype=w.dtype)
         _fuse_rows(layers, ("weight", *bias), fused)
         return fused.requires_grad_(False)
-    fused = type(first).__new__(type(first))
-    fused.__dict__.update(first.__dict__)
-    for registry in ("_parameters", "_buffers", "_modules"):
-        setattr(fused, registry, dict(getattr(first, registry)))
+    fused = share_state(type(first), first)
     fused.out_features = out_features
     _fuse_rows(layers, (*ROW_BUFFERS[type(first)], *bias), fused)
     return fused

@@ -41,12 +41,19 @@ def _int_mm_rows(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, _INT_MM_MIN_ROWS - t.shape[0])) if t.shape[0] < _INT_MM_MIN_ROWS else t
 
 
-def _rebind(cls: type, layer: QuantMixin) -> nn.Module:
-    """A ``cls`` instance sharing ``layer``'s state, its ``weight`` parameter dropped."""
+def share_state(cls: type, layer: nn.Module) -> nn.Module:
+    """A ``cls`` instance with ``layer``'s attributes, parameters, buffers and submodules (shared
+    tensors, own registries: replacing one of its tensors leaves ``layer`` as it was)."""
     new = cls.__new__(cls)
     new.__dict__.update(layer.__dict__)
     for registry in ("_parameters", "_buffers", "_modules"):
         setattr(new, registry, dict(getattr(layer, registry)))
+    return new
+
+
+def _rebind(cls: type, layer: QuantMixin) -> nn.Module:
+    """A ``cls`` instance sharing ``layer``'s state, its ``weight`` parameter dropped."""
+    new = share_state(cls, layer)
     del new._parameters["weight"]
     new._cache_key = None
     new._cached_weight = None

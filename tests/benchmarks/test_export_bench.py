@@ -22,11 +22,15 @@ def rows_of(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_bf16_reference_alone_gives_each_row_its_speed_ratio(tiny_dit, tmp_path, capsys) -> None:
+def bench_rows(model: str, tmp_path, *flags: str) -> list[dict]:
+    """The rows a tiny CPU run with ``flags`` writes (given after ``ARGS``: a repeated flag wins)."""
     out = tmp_path / "rows.jsonl"
-    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W4",
-                "--backends", "fake", *ARGS])
-    rows = rows_of(out)
+    bench.main(["--models", model, "--out", str(out), *ARGS, *flags])
+    return rows_of(out)
+
+
+def test_bf16_reference_alone_gives_each_row_its_speed_ratio(tiny_dit, tmp_path, capsys) -> None:
+    rows = bench_rows(tiny_dit, tmp_path, "--references", "bf16", "--configs", "W4", "--backends", "fake")
     assert [r["config"] for r in rows] == ["BF16", "W4", "W4"]
     for r in rows[1:]:
         assert r["speed_vs_bf16"] == pytest.approx(rows[0]["seconds"] / r["seconds"])
@@ -51,10 +55,8 @@ def test_a_run_cut_off_keeps_the_rows_it_measured(tiny_dit, tmp_path, monkeypatc
 
 
 def test_profile_is_taken_at_the_largest_batch_only(tiny_dit, tmp_path, capsys) -> None:
-    out = tmp_path / "rows.jsonl"
-    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W4",
-                "--backends", "fake", *ARGS, "--batch-sizes", "1", "2", "--profile"])  # the later flag wins
-    rows = rows_of(out)
+    rows = bench_rows(tiny_dit, tmp_path, "--references", "bf16", "--configs", "W4", "--backends", "fake",
+                      "--batch-sizes", "1", "2", "--profile")
     assert {r["batch"] for r in rows} == {1, 2}
     for r in rows:
         if r["batch"] == 2:
@@ -66,20 +68,15 @@ def test_profile_is_taken_at_the_largest_batch_only(tiny_dit, tmp_path, capsys) 
 
 def test_fp8_rows_with_and_without_fast_accumulation(tiny_dit, tmp_path) -> None:
     """``--backends scaled_mm`` measures both accumulation modes, labelled apart, every layer on the kernel."""
-    out = tmp_path / "rows.jsonl"
-    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W8A8-fp8",
-                "--backends", "scaled_mm", *ARGS])
-    rows = rows_of(out)
+    rows = bench_rows(tiny_dit, tmp_path, "--references", "bf16", "--configs", "W8A8-fp8", "--backends", "scaled_mm")
     assert [r["backend"] for r in rows] == ["dense", "scaled_mm", "scaled_mm+fast_accum"]
     for r in rows[1:]:
         assert set(r["layers_by_kernel"]) >= {"scaled_mm"} and "speed_vs_bf16" in r
 
 
 def test_fused_qkv_in_references_and_quantized_models(tiny_dit, tmp_path) -> None:
-    out = tmp_path / "rows.jsonl"
-    bench.main(["--models", tiny_dit, "--out", str(out), "--references", "bf16", "--configs", "W8A8-fp8",
-                "--backends", "scaled_mm+fast_accum", "--fuse-qkv", *ARGS])  # one variant, by its label
-    rows = rows_of(out)
+    rows = bench_rows(tiny_dit, tmp_path, "--references", "bf16", "--configs", "W8A8-fp8",
+                      "--backends", "scaled_mm+fast_accum", "--fuse-qkv")  # one variant, by its label
     assert [r["backend"] for r in rows] == ["dense", "scaled_mm+fast_accum"]
     assert all(r["fuse_qkv"] for r in rows)
     assert rows[1]["fused_attention"] == 1  # the tiny DiT's one self-attention
