@@ -96,7 +96,10 @@ def test_stopping_and_relaunching_continues_the_study(storage_url):
         if view.status.finished >= 3:
             stop.set()
 
-    first = launch(space, storage_url, workers=2, n_trials=10, evaluator_factory=SlowFactory(0.5), stop=stop,
+    # 1 s trials: the 10 take at least 5 s with two workers, so the stop (seen at the driver's next
+    # poll after the third) lands with seconds to spare on a loaded CI machine (0.5 s trials once
+    # finished all 10 first)
+    first = launch(space, storage_url, workers=2, n_trials=10, evaluator_factory=SlowFactory(1.0), stop=stop,
                    progress=stop_after_three, **FAST)
     assert first.stopped and not first.complete and 3 <= first.status.finished < 10
     study = optuna.load_study(study_name="dist", storage=storage_url)
