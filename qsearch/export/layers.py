@@ -186,6 +186,13 @@ class Fp8MMLinear(_KernelLinear):
     output fewer). ``fast_accum`` lets Hopper's FP8 tensor cores accumulate without promoting the
     partial sums to fp32 at intervals: faster, but the sums carry fewer mantissa bits, so it is
     off unless asked for (``qsearch.load(..., fp8_fast_accum=True)``).
+
+    The input is scaled by the reciprocal of its step size, stored with the grid, rather than
+    divided by the step size: under ``torch.compile`` the quantization is fused into the kernel that
+    produces the input (GELU, layer norm), and a correctly rounded fp32 division per element made
+    those kernels up to 1.44x slower than their BF16 twins where the multiply costs up to 1.26x
+    (``benchmarks/fusion_bench.py``, H200). The product differs from the quotient by at most one
+    fp32 ulp, so an E4M3 code changes only for inputs within an ulp of a rounding boundary.
     """
 
     fast_accum: bool = False
@@ -200,6 +207,8 @@ class Fp8MMLinear(_KernelLinear):
         new.register_buffer("w_fp8_bits", values.contiguous().view(torch.uint8))
         scale = wq.scale.reshape(-1).float().expand(codes.shape[0])
         new.register_buffer("w_scale_bits", _float_bits(scale))
+        if new.act_static:
+            new.register_buffer("act_inv_scale_bits", _float_bits(1 / new.act_scale_bits.view(torch.float32)))
         return new
 
     @staticmethod
@@ -219,7 +228,8 @@ class Fp8MMLinear(_KernelLinear):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # tensor-core GEMMs want row-major A
         scale, _ = self._act_qparams(x2)
-        xf8 = (x2 / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        inv_scale = self.act_inv_scale_bits.view(torch.float32) if self.act_static else scale.reciprocal()
+        xf8 = (x2 * inv_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         rows = x2.shape[0]
         # row-wise scaling wants a real (rows, 1) tensor (an expanded scalar has stride 0)
         scale_a = torch.empty(rows, 1, device=x2.device).copy_(scale.reshape(-1, 1).expand(rows, 1))

@@ -88,6 +88,28 @@ def test_fp8_layer_hands_bias_and_accumulation_mode_to_the_gemm(monkeypatch, fas
     assert calls[0]["bias"] is kernel.bias
 
 
+def test_fp8_layer_scales_its_input_by_the_stored_reciprocal(monkeypatch) -> None:
+    """The static grid's ``1 / scale`` is stored as fp32 bits (a dtype cast leaves it exact) and the
+    E4M3 input handed to ``_scaled_mm`` is ``x * (1 / scale)``, not ``x / scale``."""
+    layer = _layer(FP8)
+    kernel, _ = _convert(layer, "scaled_mm")
+    kernel.to(torch.bfloat16)
+    scale = kernel.act_scale_bits.view(torch.float32)
+    inv_scale = kernel.act_inv_scale_bits.view(torch.float32)
+    assert inv_scale.dtype == torch.float32 and torch.equal(inv_scale, 1 / scale)
+    inputs: list[torch.Tensor] = []
+    scaled_mm = torch._scaled_mm
+
+    def spy(a, *args, **kwargs):
+        inputs.append(a)
+        return scaled_mm(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    x = torch.randn(20, 64, dtype=torch.bfloat16)
+    kernel(x)
+    assert torch.equal(inputs[0], (x * inv_scale).clamp(-448, 448).to(torch.float8_e4m3fn))
+
+
 @pytest.mark.parametrize(("spec", "backend"), [(W8A8, "int_mm"), (FP8, "scaled_mm"),
                                                pytest.param(W8A8, "torchao", marks=NO_TORCHAO)])
 def test_kernels_handle_a_single_row(spec, backend) -> None:
